@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from llama_rlhf.model import LlamaConfig, get_variant, init_params, param_shapes, param_shardings
-from llama_rlhf.model.hf_checkpoint import load_hf_checkpoint
+from llama_rlhf.model.hf_checkpoint import config_from_hf, load_hf_checkpoint
 from llama_rlhf.model.llama2c_checkpoint import load_llama2c_checkpoint
 
 MODEL_FILE = "model.json"
@@ -286,6 +286,32 @@ def convert_head(
     shardings = _target_shardings(config, head, mesh)
     params = jax.device_put(params, shardings)
     return LoadedModel(config=config, params=params, head=head, metadata=dict(loaded.metadata))
+
+
+def initial_model_config(
+    init_from: str, *, model_config_overrides: dict[str, Any] | None = None
+) -> LlamaConfig:
+    """Returns the LlamaConfig that `load_initial_params` would return, reading no weights
+    (except for a llama2.c file, whose shapes are read by loading it)."""
+    overrides = dict(model_config_overrides or {})
+    if init_from.startswith("random:"):
+        return get_variant(init_from.split(":", 1)[1], **overrides)
+    path = pathlib.Path(init_from).expanduser()
+    if (path / MODEL_FILE).is_file():
+        description = _read_model_description(path)
+        try:
+            saved = LlamaConfig(**description["model_config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path / MODEL_FILE}: invalid model_config: {error}") from error
+        return _config_with_overrides(saved, overrides, str(path))
+    if (path / "config.json").is_file():
+        config = config_from_hf(json.loads((path / "config.json").read_text()),
+                                source=str(path / "config.json"))
+        if "param_dtype" in overrides:
+            config = config.replace(param_dtype=overrides["param_dtype"])
+        return _config_with_overrides(config, overrides, str(path))
+    return load_initial_params(init_from, head="lm", rng=jax.random.key(0),
+                               model_config_overrides=overrides).config
 
 
 def load_initial_params(
