@@ -189,3 +189,9 @@ def test_assistant_content_with_tags_is_allowed(tokenizer, processor):
 def test_message_rejects_unknown_role():
     with pytest.raises(ChatFormatError, match="expected one of"):
         Message("bot", "hi")
+
+
+def test_default_system_prompt_matches_transformers():
+    llama_tokenization = pytest.importorskip("transformers.models.llama.tokenization_llama")
+    # Expected text: the copy of Meta's default system prompt that transformers ships.
+    assert DEFAULT_SYSTEM_PROMPT == llama_tokenization.DEFAULT_SYSTEM_PROMPT

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from llama_rlhf.data import tfds_hh_rlhf
 from llama_rlhf.data.chat import Message
 from llama_rlhf.data.hh_rlhf import parse_pair, parse_transcript, read_hh_rlhf_jsonl
 from llama_rlhf.data.preferences import (
@@ -186,7 +187,6 @@ def local_copy(shared_hh_file, tmp_path):
 
 
 def test_tfds_builder_prepares_offline(shared_hh_file, local_copy, tmp_path, no_network):
-    tfds_hh_rlhf = pytest.importorskip("llama_rlhf.data.tfds_hh_rlhf")
     data_dir = tmp_path / "tfds"
     comparisons = tfds_hh_rlhf.load_hh_rlhf(
         "harmless-base", "train", data_dir, local_dir=local_copy, skip_invalid=True
@@ -207,7 +207,6 @@ def test_tfds_builder_prepares_offline(shared_hh_file, local_copy, tmp_path, no_
 
 
 def test_tfds_builder_reads_manual_dir(local_copy, tmp_path, no_network):
-    tfds_hh_rlhf = pytest.importorskip("llama_rlhf.data.tfds_hh_rlhf")
     import tensorflow_datasets as tfds
 
     builder = tfds_hh_rlhf.HhRlhf(
@@ -224,13 +223,11 @@ def test_tfds_builder_reads_manual_dir(local_copy, tmp_path, no_network):
 
 
 def test_tfds_builder_strict_mode_names_line(local_copy, tmp_path, no_network):
-    tfds_hh_rlhf = pytest.importorskip("llama_rlhf.data.tfds_hh_rlhf")
     with pytest.raises(InvalidRecordError, match=r"train.jsonl.gz:\d+: "):
         tfds_hh_rlhf.load_hh_rlhf("harmless-base", "train", tmp_path / "tfds", local_copy)
 
 
 def test_tfds_builder_rejects_lfs_pointer(tmp_path, no_network):
-    tfds_hh_rlhf = pytest.importorskip("llama_rlhf.data.tfds_hh_rlhf")
     subset_dir = tmp_path / "copy" / "helpful-base"
     subset_dir.mkdir(parents=True)
     (subset_dir / "train.jsonl.gz").write_text(
@@ -241,14 +238,12 @@ def test_tfds_builder_rejects_lfs_pointer(tmp_path, no_network):
 
 
 def test_tfds_builder_missing_local_files_raise(tmp_path, no_network):
-    tfds_hh_rlhf = pytest.importorskip("llama_rlhf.data.tfds_hh_rlhf")
     (tmp_path / "copy").mkdir()
     with pytest.raises(FileNotFoundError, match="has no helpful-online files"):
         tfds_hh_rlhf.load_hh_rlhf("helpful-online", "train", tmp_path / "tfds", tmp_path / "copy")
 
 
 def test_tfds_builder_has_all_subsets():
-    tfds_hh_rlhf = pytest.importorskip("llama_rlhf.data.tfds_hh_rlhf")
     names = [config.name for config in tfds_hh_rlhf.HhRlhf.BUILDER_CONFIGS]
     assert names == [
         "harmless_base",

@@ -233,3 +233,21 @@ def test_comparison_accepts_integer_level_and_list_context():
     comparison = Comparison(context=[Message("user", "q")], chosen="a", rejected="b", level=1)
     assert comparison.level is PreferenceLevel.BETTER
     assert comparison.context == (Message("user", "q"),)
+
+
+def test_gzip_is_detected_by_content(tmp_path):
+    path = tmp_path / "download_without_suffix"
+    path.write_bytes(gzip.compress((json.dumps(GOOD_RECORD) + "\n").encode("utf-8")))
+    (comparison,) = read_comparisons_jsonl(path)
+    assert comparison.chosen == "Hello!"
+
+
+def test_truncated_gzip_names_file(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    data = gzip.compress(("\n".join([json.dumps(GOOD_RECORD)] * 50) + "\n").encode("utf-8"))
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        InvalidRecordError, match=r"cut.jsonl.gz:\d+: gzip data is truncated"
+    ) as error:
+        read_comparisons_jsonl(path)
+    assert error.value.kind == "invalid_gzip"

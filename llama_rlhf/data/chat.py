@@ -31,8 +31,9 @@ SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
 ROLES = ("system", "user", "assistant")
 
-# The default system prompt of Meta's first Llama 2 release of llama/generation.py
-# (facebookresearch/llama, July 2023); later revisions removed it from the code.
+# Meta's default Llama 2 system prompt, which early versions of llama/generation.py in
+# facebookresearch/llama defined. transformers 5.25 keeps the same text in
+# models/llama/tokenization_llama.py. Some chat front-ends put two spaces after "safe.".
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
     "possible, while being safe. Your answers should not include any harmful, unethical, "

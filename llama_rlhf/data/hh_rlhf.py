@@ -158,7 +158,7 @@ def read_hh_rlhf_jsonl(
     skip_invalid: bool = False,
     summary: ReadSummary | None = None,
 ) -> list[Comparison]:
-    """Read an HH-RLHF JSONL file (plain or `.gz`) into comparisons.
+    """Read an HH-RLHF JSONL file, plain or gzip-compressed, into comparisons.
 
     Args:
         path: A file such as `harmless-base/train.jsonl.gz` of the official repository.

@@ -5,7 +5,8 @@ the dialog context ending with a user turn, the chosen and the rejected answer, 
 strongly the chosen answer was preferred (one of Llama 2's four levels, or unknown). It also
 records whether the prompt is a safety prompt and, when annotated, whether each answer is safe.
 
-JSONL format, one comparison per line (UTF-8; a `.gz` suffix means gzip):
+JSONL format, one comparison per line, UTF-8, optionally gzip-compressed (the writer compresses
+when the file name ends with `.gz`, and the reader recognizes gzip by its content):
 
     {"context": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}],
      "chosen": "...", "rejected": "...", "level": "significantly_better",
@@ -27,6 +28,7 @@ import logging
 import os
 import pathlib
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -287,12 +289,19 @@ class ReadSummary:
         return text
 
 
-def open_maybe_gzip(path: str | os.PathLike, mode: str = "rb"):
-    """Open a file, through gzip when its name ends with `.gz`."""
-    path = pathlib.Path(path)
-    if path.suffix == ".gz":
-        return gzip.open(path, mode)
-    return open(path, mode)
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def open_for_reading(path: str | os.PathLike):
+    """Open a file in binary mode, decompressing it when it starts with the gzip magic bytes.
+
+    The content decides rather than the name, because tensorflow-datasets renames downloads.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(len(_GZIP_MAGIC))
+    if magic == _GZIP_MAGIC:
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
 def read_jsonl_records(
@@ -307,7 +316,7 @@ def read_jsonl_records(
     Errors name the file and the 1-based line number.
 
     Args:
-        path: A JSONL file, gzip-compressed when its name ends with `.gz`.
+        path: A JSONL file, plain or gzip-compressed.
         parse: Turns one decoded JSON value into a result; it raises InvalidComparisonError
             (or ChatFormatError) for a bad record.
         skip_invalid: Skip bad lines and count them in `summary` instead of raising.
@@ -321,8 +330,8 @@ def read_jsonl_records(
     if summary is None:
         summary = ReadSummary()
     summary.path = str(path)
-    with open_maybe_gzip(path) as f:
-        for line_number, raw_line in enumerate(f, start=1):
+    with open_for_reading(path) as f:
+        for line_number, raw_line in _numbered_lines(f, path):
             try:
                 result = _parse_line(raw_line, parse)
             except (InvalidComparisonError, ChatFormatError) as error:
@@ -340,6 +349,21 @@ def read_jsonl_records(
             yield line_number, result
     if summary.num_skipped:
         log.warning("%s; first errors: %s", summary, summary.first_errors[:3])
+
+
+def _numbered_lines(f, path: pathlib.Path) -> Iterator[tuple[int, bytes]]:
+    """Yield `(line_number, line)`, turning a damaged gzip stream into an InvalidRecordError."""
+    line_number = 0
+    try:
+        for line_number, raw_line in enumerate(f, start=1):
+            yield line_number, raw_line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise InvalidRecordError(
+            str(path),
+            line_number + 1,
+            "invalid_gzip",
+            f"gzip data is truncated or damaged ({error}); expected a complete gzip file",
+        ) from error
 
 
 def _parse_line(raw_line: bytes, parse: Callable[[Any], T]) -> T | None:
@@ -370,7 +394,7 @@ def read_comparisons_jsonl(
     """Read comparisons in the project's JSONL format (see the module docstring).
 
     Args:
-        path: The JSONL file; gzip-compressed when its name ends with `.gz`.
+        path: The JSONL file, plain or gzip-compressed.
         skip_invalid: Skip bad lines and count them in `summary` (and the log) instead of
             raising.
         summary: Filled with the number of read and skipped records when given.

@@ -24,6 +24,15 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+try:
+    import importlib_resources  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "tensorflow-datasets 4.9.10 needs the package importlib_resources to prepare a dataset "
+        "whose builder is defined in a package, but declares it only for Python < 3.9. "
+        "Install it with `pip install importlib_resources`."
+    ) from error
+
 from llama_rlhf.data.chat import Message
 from llama_rlhf.data.hh_rlhf import SUBSETS, check_subset, comparison_from_hh_record
 from llama_rlhf.data.preferences import Comparison, PreferenceLevel, ReadSummary, read_jsonl_records
