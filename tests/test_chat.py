@@ -5,7 +5,7 @@ import sentencepiece as spm
 
 from llama_rlhf.data import chat
 from llama_rlhf.data.chat import DEFAULT_SYSTEM_PROMPT, ChatFormatError, Message
-from llama_rlhf.data.tokenizer import load_tokenizer
+from llama_rlhf.data.tokenizer import load_tokenizer, train_sentencepiece
 
 DIALOGS = {
     "system_prompt": [
@@ -35,9 +35,15 @@ DIALOGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def model_file(shared):
-    return shared / "models/llama2-tokenizer/tokenizer.model"
+@pytest.fixture(scope="module", params=["llama2", "tiny"])
+def model_file(request, tmp_path_factory):
+    """Llama 2's SentencePiece model, and a small one trained here that needs no shared data."""
+    if request.param == "llama2":
+        return request.getfixturevalue("shared") / "models/llama2-tokenizer/tokenizer.model"
+    corpus = [m.content for dialog in DIALOGS.values() for m in dialog] * 20
+    prefix = tmp_path_factory.mktemp("tiny_tokenizer") / "tiny"
+    train_sentencepiece(corpus, prefix, vocab_size=512)
+    return prefix.with_suffix(".model")
 
 
 @pytest.fixture(scope="module")

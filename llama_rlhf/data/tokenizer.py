@@ -321,14 +321,16 @@ def train_sentencepiece(
     *,
     model_type: str = "bpe",
     byte_fallback: bool = True,
+    character_coverage: float = 1.0,
     max_sentence_bytes: int = 1 << 16,
 ) -> Tokenizer:
     """Train a small SentencePiece model with Llama's special ids and settings, then load it.
 
     The trainer settings follow those stored in Llama 2's `tokenizer.model`: UNK 0, BOS 1,
     EOS 2, no pad piece, identity normalization, a dummy prefix, no whitespace collapsing,
-    digits split, whitespace-only pieces allowed. Training uses one thread and keeps the
-    input order, so the same texts give the same model file.
+    digits split, whitespace-only pieces allowed. Unlike Llama 2 (character coverage 0.99995),
+    every character of the corpus gets a piece by default. Training uses one thread and keeps
+    the input order, so the same texts give the same model file.
 
     Args:
         texts: Training sentences, one string each. The trainer skips sentences longer than
@@ -340,6 +342,9 @@ def train_sentencepiece(
         model_type: "bpe" (as Llama) or "unigram".
         byte_fallback: Encode characters outside the vocabulary as UTF-8 byte pieces
             instead of UNK.
+        character_coverage: Fraction of the corpus' characters that get their own piece. The
+            rarest characters beyond it fall back to byte pieces (or UNK without
+            `byte_fallback`).
         max_sentence_bytes: Length limit of one training sentence in UTF-8 bytes.
 
     Returns:
@@ -363,7 +368,7 @@ def train_sentencepiece(
             model_writer=model_bytes,
             vocab_size=vocab_size,
             model_type=model_type,
-            character_coverage=1.0,
+            character_coverage=character_coverage,
             byte_fallback=byte_fallback,
             split_digits=True,
             allow_whitespace_only_pieces=True,
