@@ -16,7 +16,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # Physical mesh axes.
@@ -165,8 +164,8 @@ def tree_shardings(mesh: Mesh, logical_tree, shape_tree):
         lambda axes, value: named_sharding(mesh, axes, tuple(value.shape)),
         logical_tree,
         shape_tree,
-        is_leaf=lambda node: isinstance(node, tuple) and all(
-            isinstance(item, (str, type(None))) for item in node
+        is_leaf=lambda node: (
+            isinstance(node, tuple) and all(isinstance(item, (str, type(None))) for item in node)
         ),
     )
 

@@ -54,8 +54,15 @@ class LlamaConfig:
     remat_policy: str = "none"
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                     "num_heads", "num_kv_heads", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "max_seq_len",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}.")
@@ -70,16 +77,23 @@ class LlamaConfig:
                 f"({self.num_heads}); set head_dim explicitly."
             )
         if self.resolved_head_dim % 2:
-            raise ValueError(f"Rotary embeddings need an even head_dim, got {self.resolved_head_dim}.")
+            raise ValueError(
+                f"Rotary embeddings need an even head_dim, got {self.resolved_head_dim}."
+            )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
-                f"LlamaConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}."
+                f"LlamaConfig.remat_policy must be one of {REMAT_POLICIES}, "
+                f"got {self.remat_policy!r}."
             )
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"LlamaConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}.")
+                raise ValueError(
+                    f"LlamaConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}."
+                )
         if self.rope_scaling_factor is not None and self.rope_scaling_factor <= 0:
-            raise ValueError(f"LlamaConfig.rope_scaling_factor must be positive, got {self.rope_scaling_factor}.")
+            raise ValueError(
+                f"LlamaConfig.rope_scaling_factor must be positive, got {self.rope_scaling_factor}."
+            )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -119,9 +133,14 @@ class LlamaConfig:
         """
         seq_len = self.max_seq_len if seq_len is None else seq_len
         d, h = self.hidden_size, self.resolved_head_dim
-        matmul_params = self.num_layers * (
-            d * h * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * d * self.intermediate_size
-        ) + self.vocab_size * d
+        matmul_params = (
+            self.num_layers
+            * (
+                d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+                + 3 * d * self.intermediate_size
+            )
+            + self.vocab_size * d
+        )
         attention = self.num_layers * 2 * seq_len * self.num_heads * h
         forward = 2 * matmul_params + attention
         return float(3 * forward if training else forward)
@@ -130,20 +149,44 @@ class LlamaConfig:
 # Published Llama 2 shapes (Touvron et al. 2023; the released config.json files) and tiny ones
 # for tests and CPU runs.
 VARIANTS: dict[str, LlamaConfig] = {
-    "7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                      num_kv_heads=32),
-    "13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
-                       num_kv_heads=40),
-    "70b": LlamaConfig(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
-                       num_kv_heads=8),
+    "7b": LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32
+    ),
+    "13b": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40
+    ),
+    "70b": LlamaConfig(
+        hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8
+    ),
     # The shape of llama2.c's stories260K checkpoint.
-    "stories260k": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172,
-                               num_layers=5, num_heads=8, num_kv_heads=4, max_seq_len=512,
-                               tie_word_embeddings=True),
-    "tiny": LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=176, num_layers=2,
-                        num_heads=4, num_kv_heads=2, max_seq_len=1024),
-    "tiny_6l_512": LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376,
-                               num_layers=6, num_heads=8, num_kv_heads=8, max_seq_len=1024),
+    "stories260k": LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=172,
+        num_layers=5,
+        num_heads=8,
+        num_kv_heads=4,
+        max_seq_len=512,
+        tie_word_embeddings=True,
+    ),
+    "tiny": LlamaConfig(
+        vocab_size=32000,
+        hidden_size=64,
+        intermediate_size=176,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=1024,
+    ),
+    "tiny_6l_512": LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=8,
+        max_seq_len=1024,
+    ),
 }
 
 

@@ -62,8 +62,13 @@ class KVCache:
     def create(cls, config: LlamaConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """Returns an empty cache with `max_length` slots per sequence."""
         dtype = config.jnp_dtype if dtype is None else dtype
-        shape = (config.num_layers, batch_size, max_length, config.num_kv_heads,
-                 config.resolved_head_dim)
+        shape = (
+            config.num_layers,
+            batch_size,
+            max_length,
+            config.num_kv_heads,
+            config.resolved_head_dim,
+        )
         return cls(
             keys=jnp.zeros(shape, dtype),
             values=jnp.zeros(shape, dtype),
@@ -90,16 +95,18 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), (shd.EMBED,),
-                       self.param_dtype)
+        scale = _param(
+            self, "scale", nn.initializers.ones, (x.shape[-1],), (shd.EMBED,), self.param_dtype
+        )
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         # Like the reference implementations, cast back before applying the scale.
         return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float,
-                     scaling_factor: float | None) -> jax.Array:
+def rotary_embedding(
+    x: jax.Array, positions: jax.Array, theta: float, scaling_factor: float | None
+) -> jax.Array:
     """Rotates each head of x ([B, T, N, E]) by its position ([B, T]), halves layout.
 
     For frequency i < E/2, the pair (x[i], x[i + E/2]) is rotated by the angle
@@ -132,8 +139,12 @@ class Attention(nn.Module):
         d, h, k, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         init = nn.initializers.normal(stddev=0.02)
         wq = _param(self, "q_proj", init, (d, h, e), (shd.EMBED, shd.HEADS, shd.HEAD_DIM), pdtype)
-        wk = _param(self, "k_proj", init, (d, k, e), (shd.EMBED, shd.KV_HEADS, shd.HEAD_DIM), pdtype)
-        wv = _param(self, "v_proj", init, (d, k, e), (shd.EMBED, shd.KV_HEADS, shd.HEAD_DIM), pdtype)
+        wk = _param(
+            self, "k_proj", init, (d, k, e), (shd.EMBED, shd.KV_HEADS, shd.HEAD_DIM), pdtype
+        )
+        wv = _param(
+            self, "v_proj", init, (d, k, e), (shd.EMBED, shd.KV_HEADS, shd.HEAD_DIM), pdtype
+        )
         wo = _param(self, "o_proj", init, (h, e, d), (shd.HEADS, shd.HEAD_DIM, shd.EMBED), pdtype)
 
         query = jnp.einsum("btd,dhe->bthe", x, wq.astype(dtype))
@@ -152,9 +163,11 @@ class Attention(nn.Module):
             # Write the new keys and values at slots [index, index + T) and attend over all slots.
             cached_keys, cached_values = layer_cache
             cached_keys = jax.lax.dynamic_update_slice(
-                cached_keys, key.astype(cached_keys.dtype), (0, cache_index, 0, 0))
+                cached_keys, key.astype(cached_keys.dtype), (0, cache_index, 0, 0)
+            )
             cached_values = jax.lax.dynamic_update_slice(
-                cached_values, value.astype(cached_values.dtype), (0, cache_index, 0, 0))
+                cached_values, value.astype(cached_values.dtype), (0, cache_index, 0, 0)
+            )
             key, value = cached_keys.astype(dtype), cached_values.astype(dtype)
             slots = jnp.arange(cached_keys.shape[1])
             query_slots = cache_index + jnp.arange(t)
@@ -206,7 +219,12 @@ class Block(nn.Module):
         x = shd.constrain(x, (shd.BATCH, shd.LENGTH, shd.ACT_EMBED))
         attn_out, new_cache = Attention(cfg, name="attention")(
             RMSNorm(cfg.rms_norm_eps, pdtype, name="attention_norm")(x),
-            positions, mask, layer_cache, cache_mask, cache_index)
+            positions,
+            mask,
+            layer_cache,
+            cache_mask,
+            cache_index,
+        )
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, pdtype, name="mlp_norm")(x))
         return x, new_cache
@@ -234,8 +252,13 @@ class Llama(nn.Module):
     head: str = "lm"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 mask: jax.Array | None = None, cache: KVCache | None = None):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ):
         """Runs the model on tokens [B, T].
 
         Args:
@@ -261,8 +284,14 @@ class Llama(nn.Module):
             if cache is not None:
                 positions = positions + jnp.sum(cache.mask, axis=-1, keepdims=True)
 
-        embedding = _param(self, "embed", nn.initializers.normal(stddev=0.02),
-                           (cfg.vocab_size, cfg.hidden_size), (shd.VOCAB, shd.EMBED), pdtype)
+        embedding = _param(
+            self,
+            "embed",
+            nn.initializers.normal(stddev=0.02),
+            (cfg.vocab_size, cfg.hidden_size),
+            (shd.VOCAB, shd.EMBED),
+            pdtype,
+        )
         x = jnp.take(embedding, tokens, axis=0).astype(dtype)
 
         block = Block
@@ -283,28 +312,45 @@ class Llama(nn.Module):
             cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
             cache_index = cache.index
         x, new_layer_caches = stack(cfg, name="layers")(
-            x, layer_caches, positions, mask, cache_mask, cache_index)
+            x, layer_caches, positions, mask, cache_mask, cache_index
+        )
         x = RMSNorm(cfg.rms_norm_eps, pdtype, name="final_norm")(x)
         x = shd.constrain(x, (shd.BATCH, shd.LENGTH, shd.ACT_EMBED))
 
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(keys=new_layer_caches[0], values=new_layer_caches[1],
-                                mask=cache_mask, index=cache.index + tokens.shape[1])
+            new_cache = KVCache(
+                keys=new_layer_caches[0],
+                values=new_layer_caches[1],
+                mask=cache_mask,
+                index=cache.index + tokens.shape[1],
+            )
 
         if self.head == "none":
             return x, new_cache
         if self.head == "scalar":
-            kernel = _param(self, "score_head", nn.initializers.normal(stddev=0.02),
-                            (cfg.hidden_size, 1), (shd.EMBED, shd.SCALAR), pdtype)
+            kernel = _param(
+                self,
+                "score_head",
+                nn.initializers.normal(stddev=0.02),
+                (cfg.hidden_size, 1),
+                (shd.EMBED, shd.SCALAR),
+                pdtype,
+            )
             bias = _param(self, "score_bias", nn.initializers.zeros, (1,), (shd.SCALAR,), pdtype)
             scores = (x @ kernel.astype(dtype) + bias.astype(dtype))[..., 0]
             return scores.astype(jnp.float32), new_cache
         if cfg.tie_word_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype))
         else:
-            lm_head = _param(self, "lm_head", nn.initializers.normal(stddev=0.02),
-                             (cfg.hidden_size, cfg.vocab_size), (shd.EMBED, shd.VOCAB), pdtype)
+            lm_head = _param(
+                self,
+                "lm_head",
+                nn.initializers.normal(stddev=0.02),
+                (cfg.hidden_size, cfg.vocab_size),
+                (shd.EMBED, shd.VOCAB),
+                pdtype,
+            )
             logits = x @ lm_head.astype(dtype)
         logits = shd.constrain(logits, (shd.BATCH, shd.LENGTH, shd.ACT_VOCAB))
         return logits.astype(jnp.float32), new_cache

@@ -35,8 +35,11 @@ def param_shapes(config: LlamaConfig, head: str = "lm"):
 
 def param_shardings(config: LlamaConfig, mesh: Mesh, head: str = "lm"):
     """Returns the `NamedSharding` of every parameter under the rules table."""
-    axes = jax.tree.map(tuple, param_logical_axes(config, head),
-                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    axes = jax.tree.map(
+        tuple,
+        param_logical_axes(config, head),
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
     return shd.tree_shardings(mesh, axes, param_shapes(config, head))
 
 
