@@ -21,8 +21,9 @@ Compilation: prompt lengths and numbers of new tokens are rounded up to a small 
 (powers of two by default), and `max_new_tokens` is a run-time argument of the compiled loop, so
 batches whose shapes fall into the same buckets reuse one compiled program. Parameters are an
 argument of the compiled function, never a constant, so a trainer can pass updated parameters
-without recompiling. Each new compilation is logged and counted in
-`Sampler.num_compilations`. Every batch size still compiles separately.
+without recompiling. Samplers with equal configurations share compiled programs. Each new
+compilation is logged and counted in `Sampler.num_compilations`. Every batch size still
+compiles separately.
 
 Randomness: the key of the token drawn at step i for output row r is
 `fold_in(fold_in(rng, i), r)`, so samples depend only on the seed, the step and the row, not on
@@ -32,7 +33,9 @@ the batch padding or the device mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -356,16 +359,18 @@ class Sampler:
         self.prompt_buckets = tuple(prompt_buckets)
         self.new_token_buckets = tuple(new_token_buckets)
         self._params = params
-        self._stop_ids = np.asarray(sorted(set(stop_ids)), np.int32)
-        self._model = Llama(model_config, head="none")
-        self._compiled_shapes: set[tuple[int, int, int]] = set()
-        self._generate_jit = jax.jit(self._generate_padded, static_argnames=("new_bucket",))
+        self._stop_ids = tuple(sorted(set(stop_ids)))
+        self._num_compilations = 0
         self._param_shardings = None if mesh is None else param_shardings(model_config, mesh)
 
     @property
     def num_compilations(self) -> int:
-        """The number of (batch, prompt bucket, new-token bucket) shapes compiled so far."""
-        return len(self._compiled_shapes)
+        """The number of programs this sampler's calls compiled.
+
+        Samplers with equal model config, sampling config, stop ids and pad id share compiled
+        programs, so a call that reuses another sampler's program does not count.
+        """
+        return self._num_compilations
 
     def generate(self, prompt_tokens, prompt_mask, rng: jax.Array, *, params: Any = None,
                  max_new_tokens: int | None = None) -> SampleOutput:
@@ -405,17 +410,14 @@ class Sampler:
         # An empty row would attend to nothing; give padding rows one real token.
         padded_mask[batch_size:, -1] = True
 
-        shape_key = (padded_batch, prompt_bucket, new_bucket)
-        if shape_key not in self._compiled_shapes:
-            self._compiled_shapes.add(shape_key)
-            logger.info(
-                "Compiling the sampler for batch %d, prompt bucket %d, new-token bucket %d "
-                "(compilation %d of this sampler).", *shape_key, len(self._compiled_shapes))
-
         params = self._resolve_params(params)
+        static = dict(model_config=self.model_config, sampling=self.sampling,
+                      stop_ids=self._stop_ids, pad_id=self.pad_id, new_bucket=new_bucket)
+        cache_size = _generate_padded._cache_size()
+        start = time.perf_counter()
         if self.mesh is None:
-            result = self._generate_jit(params, padded_tokens, padded_mask, rng,
-                                        np.int32(max_new), new_bucket=new_bucket)
+            result = _generate_padded(params, padded_tokens, padded_mask, rng, np.int32(max_new),
+                                      **static)
         else:
             params = jax.device_put(params, self._param_shardings)
             padded_tokens = jax.device_put(
@@ -423,8 +425,16 @@ class Sampler:
             padded_mask = jax.device_put(
                 padded_mask, shd.batch_sharding(self.mesh, padded_mask.shape))
             with jax.set_mesh(self.mesh):
-                result = self._generate_jit(params, padded_tokens, padded_mask, rng,
-                                            np.int32(max_new), new_bucket=new_bucket)
+                result = _generate_padded(params, padded_tokens, padded_mask, rng,
+                                          np.int32(max_new), **static)
+        if _generate_padded._cache_size() > cache_size:
+            # The call returns once the program is compiled and dispatched, so its time is
+            # mostly compilation.
+            self._num_compilations += 1
+            logger.info(
+                "Compiled the sampler for batch %d, prompt bucket %d, new-token bucket %d in "
+                "%.1f s (compilation %d of this sampler).", padded_batch, prompt_bucket,
+                new_bucket, time.perf_counter() - start, self._num_compilations)
 
         rows = batch_size * self.sampling.num_samples
         generated, logprobs, plain, response_mask = (
@@ -466,7 +476,7 @@ class Sampler:
         """
         encoded = [tokenizer.encode(text, bos=True, eos=False) for text in prompts]
         samples = self.generate_ids(encoded, rng, params=params, max_new_tokens=max_new_tokens)
-        stops = set(self._stop_ids.tolist())
+        stops = set(self._stop_ids)
         return [[tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids)
                  for ids in per_prompt] for per_prompt in samples]
 
@@ -512,64 +522,74 @@ class Sampler:
         tokens = np.where(mask, tokens, self.pad_id).astype(np.int32)
         return tokens, mask
 
-    def _generate_padded(self, params, tokens, mask, rng, max_new_tokens, *, new_bucket: int):
-        """The compiled body: prefill, then the decode loop, on padded shapes."""
-        cfg, sampling = self.model_config, self.sampling
-        batch_size, prompt_bucket = tokens.shape
-        n = sampling.num_samples
-        rows = batch_size * n
-        stop_ids = jnp.asarray(self._stop_ids)
-        row_ids = jnp.arange(rows, dtype=jnp.uint32)
 
-        def is_stop(token):
-            if stop_ids.size == 0:
-                return jnp.zeros(token.shape, bool)
-            return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+@functools.partial(jax.jit, static_argnames=(
+    "model_config", "sampling", "stop_ids", "pad_id", "new_bucket"))
+def _generate_padded(params, tokens, mask, rng, max_new_tokens, *, model_config: LlamaConfig,
+                     sampling: SamplingConfig, stop_ids: tuple[int, ...], pad_id: int,
+                     new_bucket: int):
+    """The compiled body of `Sampler.generate`: prefill, then the decode loop, on padded shapes.
 
-        def draw(logits, step):
-            step_key = jax.random.fold_in(rng, step)
-            keys = jax.vmap(lambda row: jax.random.fold_in(step_key, row))(row_ids)
-            return sample_from_logits(logits, keys, sampling)
+    Returns:
+      (tokens, logprobs, plain_logprobs or None, response_mask), each [rows, new_bucket] with
+      rows = batch * num_samples.
+    """
+    model = Llama(model_config, head="none")
+    batch_size, prompt_bucket = tokens.shape
+    n = sampling.num_samples
+    rows = batch_size * n
+    stop_array = jnp.asarray(stop_ids, jnp.int32)
+    row_ids = jnp.arange(rows, dtype=jnp.uint32)
 
-        # Prefill each prompt once, then copy its cache for the num_samples samples.
-        cache = _constrain_cache(KVCache.create(cfg, batch_size, prompt_bucket + new_bucket))
-        hidden, cache = self._model.apply({"params": params}, tokens, mask=mask, cache=cache)
-        # The last column is a real token in every left-padded row.
-        logits = _lm_logits(cfg, params, hidden[:, -1])
-        if n > 1:
-            cache = _repeat_rows(cache, n)
-            logits = jnp.repeat(logits, n, axis=0)
-        cache = _constrain_cache(cache)
+    def is_stop(token):
+        if not stop_ids:
+            return jnp.zeros(token.shape, bool)
+        return jnp.any(token[:, None] == stop_array[None, :], axis=-1)
 
-        token, logprob, plain = draw(logits, 0)
-        out_tokens = jnp.full((rows, new_bucket), self.pad_id, jnp.int32).at[:, 0].set(token)
-        out_logprobs = jnp.zeros((rows, new_bucket), jnp.float32).at[:, 0].set(logprob)
-        out_plain = None
+    def draw(logits, step):
+        step_key = jax.random.fold_in(rng, step)
+        keys = jax.vmap(lambda row: jax.random.fold_in(step_key, row))(row_ids)
+        return sample_from_logits(logits, keys, sampling)
+
+    # Prefill each prompt once, then copy its cache for the num_samples samples.
+    cache = _constrain_cache(KVCache.create(model_config, batch_size, prompt_bucket + new_bucket))
+    hidden, cache = model.apply({"params": params}, tokens, mask=mask, cache=cache)
+    # The last column is a real token in every left-padded row.
+    logits = _lm_logits(model_config, params, hidden[:, -1])
+    if n > 1:
+        cache = _repeat_rows(cache, n)
+        logits = jnp.repeat(logits, n, axis=0)
+    cache = _constrain_cache(cache)
+
+    token, logprob, plain = draw(logits, 0)
+    out_tokens = jnp.full((rows, new_bucket), pad_id, jnp.int32).at[:, 0].set(token)
+    out_logprobs = jnp.zeros((rows, new_bucket), jnp.float32).at[:, 0].set(logprob)
+    out_plain = None
+    if plain is not None:
+        out_plain = jnp.zeros((rows, new_bucket), jnp.float32).at[:, 0].set(plain)
+    out_mask = jnp.zeros((rows, new_bucket), bool).at[:, 0].set(True)
+    done = is_stop(token)
+    state = (jnp.int32(1), cache, token, done, out_tokens, out_logprobs, out_plain, out_mask)
+
+    def keep_going(state):
+        step, done = state[0], state[3]
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def decode_step(state):
+        step, cache, previous, done, out_tokens, out_logprobs, out_plain, out_mask = state
+        hidden, cache = model.apply({"params": params}, previous[:, None], cache=cache)
+        logits = _lm_logits(model_config, params, hidden[:, 0])
+        token, logprob, plain = draw(logits, step)
+        active = ~done
+        token = jnp.where(active, token, pad_id)
+        out_tokens = out_tokens.at[:, step].set(token)
+        out_logprobs = out_logprobs.at[:, step].set(jnp.where(active, logprob, 0.0))
         if plain is not None:
-            out_plain = jnp.zeros((rows, new_bucket), jnp.float32).at[:, 0].set(plain)
-        out_mask = jnp.zeros((rows, new_bucket), bool).at[:, 0].set(True)
-        done = is_stop(token)
-        state = (jnp.int32(1), cache, token, done, out_tokens, out_logprobs, out_plain, out_mask)
+            out_plain = out_plain.at[:, step].set(jnp.where(active, plain, 0.0))
+        out_mask = out_mask.at[:, step].set(active)
+        done = done | (active & is_stop(token))
+        return (step + 1, cache, token, done, out_tokens, out_logprobs, out_plain, out_mask)
 
-        def keep_going(state):
-            step, done = state[0], state[3]
-            return (step < max_new_tokens) & ~jnp.all(done)
-
-        def decode_step(state):
-            step, cache, previous, done, out_tokens, out_logprobs, out_plain, out_mask = state
-            hidden, cache = self._model.apply({"params": params}, previous[:, None], cache=cache)
-            logits = _lm_logits(cfg, params, hidden[:, 0])
-            token, logprob, plain = draw(logits, step)
-            active = ~done
-            token = jnp.where(active, token, self.pad_id)
-            out_tokens = out_tokens.at[:, step].set(token)
-            out_logprobs = out_logprobs.at[:, step].set(jnp.where(active, logprob, 0.0))
-            if plain is not None:
-                out_plain = out_plain.at[:, step].set(jnp.where(active, plain, 0.0))
-            out_mask = out_mask.at[:, step].set(active)
-            done = done | (active & is_stop(token))
-            return (step + 1, cache, token, done, out_tokens, out_logprobs, out_plain, out_mask)
-
-        state = jax.lax.while_loop(keep_going, decode_step, state)
-        _, _, _, _, out_tokens, out_logprobs, out_plain, out_mask = state
-        return out_tokens, out_logprobs, out_plain, out_mask
+    state = jax.lax.while_loop(keep_going, decode_step, state)
+    _, _, _, _, out_tokens, out_logprobs, out_plain, out_mask = state
+    return out_tokens, out_logprobs, out_plain, out_mask
