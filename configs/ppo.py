@@ -125,7 +125,7 @@ def _base_config() -> ml_collections.ConfigDict:
     # The synthetic task of the tiny variant; unused by the other variants.
     config.synthetic = ml_collections.ConfigDict()
     config.synthetic.enabled = False
-    config.synthetic.vocab_size = 96
+    config.synthetic.vocab_size = 512
     config.synthetic.model = ml_collections.ConfigDict(
         {
             "hidden_size": 64,
@@ -142,7 +142,7 @@ def _base_config() -> ml_collections.ConfigDict:
     config.synthetic.reward_model_steps = 300
     config.synthetic.reward_model_batch_size = 32
     config.synthetic.reward_model_learning_rate = 1e-3
-    config.synthetic.policy_sft_steps = 0
+    config.synthetic.policy_sft_steps = 400
     return config
 
 
@@ -152,8 +152,8 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     config.rollout.batch_size = 64
     config.rollout.sampling_batch_size = 64
-    config.rollout.max_prompt_length = 24
-    config.rollout.max_response_length = 16
+    config.rollout.max_prompt_length = 32
+    config.rollout.max_response_length = 48
     config.ppo.minibatch_size = 16
     # A tiny policy moves much further per step than a 7B one at lr 1e-6, so both the learning
     # rate and β are chosen for this task: the reward rises within minutes and KL stays small.
@@ -179,7 +179,7 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
     config.synthetic.num_comparisons = 64
     config.synthetic.reward_model_steps = 4
     config.synthetic.reward_model_batch_size = 8
-    config.synthetic.policy_sft_steps = 0
+    config.synthetic.policy_sft_steps = 4
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

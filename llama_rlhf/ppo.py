@@ -58,7 +58,7 @@ import math
 import os
 import pathlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -202,11 +202,13 @@ class EncodedPrompts:
     """Prompts as token ids, the ones longer than the limit dropped.
 
     Attributes:
+      prompts: the kept prompts.
       ids: token ids of each kept prompt.
       is_safety_prompt: bool [num_kept].
       num_dropped: prompts dropped because they had more than max_prompt_length tokens.
     """
 
+    prompts: tuple[Prompt, ...]
     ids: tuple[tuple[int, ...], ...]
     is_safety_prompt: np.ndarray
     num_dropped: int
@@ -228,10 +230,11 @@ def encode_prompts(
     """
     if not prompts:
         raise ValueError(f"The {name} prompts are empty.")
-    ids, is_safety = [], []
+    kept, ids, is_safety = [], [], []
     for prompt in prompts:
         encoded = prompt.encode(tokenizer)
         if len(encoded) <= max_prompt_length:
+            kept.append(prompt)
             ids.append(tuple(encoded))
             is_safety.append(prompt.is_safety_prompt)
     dropped = len(prompts) - len(ids)
@@ -245,7 +248,7 @@ def encode_prompts(
             "Dropped %d of %d %s prompts longer than %d tokens.",
             dropped, len(prompts), name, max_prompt_length,
         )
-    return EncodedPrompts(tuple(ids), np.asarray(is_safety, bool), dropped)
+    return EncodedPrompts(tuple(kept), tuple(ids), np.asarray(is_safety, bool), dropped)
 
 
 def prompt_order(num_prompts: int, seed: int, start: int, count: int) -> np.ndarray:
@@ -852,11 +855,26 @@ class _RunState:
         )
 
 
+def _decode_responses(arrays: Mapping[str, np.ndarray], tokenizer) -> list[str]:
+    """Decodes each response without its EOS."""
+    response_length = arrays["response_mask"].shape[1]
+    responses = arrays["tokens"][:, -response_length:]
+    texts = []
+    for row, length in zip(responses, arrays["lengths"], strict=True):
+        ids = row[:length].tolist()
+        if ids and ids[-1] == tokenizer.eos_id:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
 def _evaluate(
     models: _Models, policy_params, held_out: EncodedPrompts, num_eval: int, rng: jax.Array,
-    config: ml_collections.ConfigDict, mesh, statistics, running: RunningMoments, eos_id: int,
+    config: ml_collections.ConfigDict, mesh, statistics, running: RunningMoments, tokenizer,
+    eval_scorer=None,
 ) -> dict[str, float]:
-    """Samples the held-out prompts with a fixed key and returns their mean rewards and KL."""
+    """Samples the held-out prompts with a fixed key and returns their mean rewards and KL,
+    plus the metrics of `eval_scorer(prompts, response texts)` when given."""
     arrays, seconds = _sample_and_score(
         models, policy_params, None, held_out.ids[:num_eval],
         held_out.is_safety_prompt[:num_eval], rng, config, mesh, with_values=False,
@@ -872,7 +890,10 @@ def _evaluate(
     kl = np.asarray(
         losses.kl_estimate(arrays["logp"], arrays["ref_logp"], config.reward.kl_estimator)
     )
-    metrics = _response_metrics(arrays, scores, reward, kl, eos_id)
+    metrics = _response_metrics(arrays, scores, reward, kl, tokenizer.eos_id)
+    if eval_scorer is not None:
+        texts = _decode_responses(arrays, tokenizer)
+        metrics.update(eval_scorer(held_out.prompts[:num_eval], texts))
     metrics["seconds"] = seconds["generation"] + seconds["scoring"]
     return metrics
 
@@ -1000,6 +1021,7 @@ def run_ppo(
     train_prompts: Sequence[Prompt],
     eval_prompts: Sequence[Prompt],
     tokenizer,
+    eval_scorer: Callable[[Sequence[Prompt], Sequence[str]], Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Trains a policy with PPO on the Llama 2 reward and exports it to `workdir/model`.
 
@@ -1018,6 +1040,9 @@ def run_ppo(
       eval_prompts: held-out prompts for evaluation and early stopping; the first
         `config.prompts.num_eval` are used.
       tokenizer: the policy's `data.tokenizer.Tokenizer`, shared by the reward models.
+      eval_scorer: an optional independent judge: (held-out prompts, decoded responses) ->
+        metrics, written under `eval/` with the reward-model metrics (the tiny variant
+        passes the synthetic world's gold scorer).
 
     Returns:
       A dict with model_dir, iterations (completed), stopped_early, best_step, the held-out
@@ -1140,7 +1165,7 @@ def run_ppo(
     def evaluate_and_track(step: int) -> None:
         """Evaluates the current policy at `step` and updates the early-stopping state."""
         metrics = _evaluate(models, policy_state.params, held_out, num_eval, eval_rng, config,
-                            mesh, statistics, run.running, tokenizer.eos_id)
+                            mesh, statistics, run.running, tokenizer, eval_scorer)
         writer.write_scalars(step, {f"eval/{name}": value for name, value in metrics.items()})
         run.eval_history.append({"step": step, **metrics})
         value = metrics[config.early_stopping.metric]
@@ -1154,10 +1179,12 @@ def run_ppo(
             run.evals_since_best += 1
             if run.evals_since_best >= config.early_stopping.patience:
                 run.stopped_early = True
+        extra = "".join(f" | {name} {metrics[name]:.4f}" for name in ("gold", "unsafe_fraction")
+                        if name in metrics)
         logger.info(
-            "eval %d | held-out reward gated %.4f whitened %+.4f | kl %.3f | length %.1f | "
+            "eval %d | held-out reward gated %.4f whitened %+.4f | kl %.3f | length %.1f%s | "
             "best %s %.4f at %d%s", step, metrics["reward_gated"], metrics["reward_whitened"],
-            metrics["kl"], metrics["response_length"], config.early_stopping.metric,
+            metrics["kl"], metrics["response_length"], extra, config.early_stopping.metric,
             run.best_value, run.best_step, " | stopping early" if run.stopped_early else "",
         )
 
@@ -1241,6 +1268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         policy_init = setup.policy_dir
         reward_models = {"helpfulness": setup.helpfulness_dir, "safety": setup.safety_dir}
         train_prompts, eval_prompts = setup.train_prompts, setup.eval_prompts
+        eval_scorer = setup.gold_metrics
     else:
         for field in ("policy_init", "tokenizer", "reward_models.helpfulness", "prompts.train",
                       "prompts.eval"):
@@ -1257,7 +1285,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         }
         train_prompts = read_prompts_jsonl(config.prompts.train)
         eval_prompts = read_prompts_jsonl(config.prompts.eval)
+        eval_scorer = None
     return run_ppo(
         config, workdir, policy_init=str(policy_init), reward_models=reward_models,
         train_prompts=train_prompts, eval_prompts=eval_prompts, tokenizer=tokenizer,
+        eval_scorer=eval_scorer,
     )
