@@ -382,8 +382,9 @@ def test_mesh_matches_single_device(hf_pair, free_run, sampled_run):
                        prompts, seed=5)
     assert sampled.tokens.shape == (6, MAX_NEW)
     np.testing.assert_array_equal(np.asarray(sampled.tokens), np.asarray(sampled_run.tokens)[:6])
+    # Sharded matrix products sum in another order, so allow float32 rounding.
     np.testing.assert_allclose(np.asarray(sampled.logprobs),
-                               np.asarray(sampled_run.logprobs)[:6], atol=1e-5)
+                               np.asarray(sampled_run.logprobs)[:6], atol=1e-4)
 
 
 def test_generate_text_decodes_samples(shared):

@@ -14,6 +14,10 @@ Conventions:
     that rotate adjacent pairs (Meta's and llama2.c's) are converted on import.
   - Layers are stacked with `nn.scan`, so every block parameter has a leading `layers` axis and
     compile time does not grow with depth.
+  - When decoding, the whole KV cache is part of the scan carry and each layer writes its new
+    keys and values into it in place, at (layer, :, :, index). Scanning over per-layer slices
+    instead makes XLA copy every layer's cache at every step. The cache keeps the slot axis
+    next to the head dimension, [L, B, K, S, E], so attention reads it without a transpose.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ class KVCache:
     """Keys and values of every layer for incremental decoding.
 
     Attributes:
-      keys: [L, B, S, K, E] keys of every cache slot (rotary already applied).
-      values: [L, B, S, K, E].
+      keys: [L, B, K, S, E] keys of every cache slot (rotary already applied).
+      values: [L, B, K, S, E].
       mask: [B, S] whether a slot holds a real token.
       index: scalar int32, the next slot to write. All rows of a batch write the same slots,
         so prompts of different lengths are left-padded to a common length.
@@ -65,8 +69,8 @@ class KVCache:
         shape = (
             config.num_layers,
             batch_size,
-            max_length,
             config.num_kv_heads,
+            max_length,
             config.resolved_head_dim,
         )
         return cls(
@@ -83,7 +87,7 @@ class KVCache:
     @staticmethod
     def logical_axes() -> KVCache:
         """Returns the logical axis names of each field, for sharding the cache."""
-        kv = (shd.LAYERS, shd.BATCH, shd.CACHE_LENGTH, shd.ACT_KV_HEADS, None)
+        kv = (shd.LAYERS, shd.BATCH, shd.ACT_KV_HEADS, shd.CACHE_LENGTH, None)
         return KVCache(keys=kv, values=kv, mask=(shd.BATCH, shd.CACHE_LENGTH), index=())
 
 
@@ -133,7 +137,13 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, layer_cache=None, cache_mask=None, cache_index=None):
+    def __call__(
+        self, x, positions, mask, cache=None, cache_mask=None, cache_index=None, layer=None
+    ):
+        """Attends from x [B, T, D]; with `cache` (keys, values [L, B, K, S, E]), over the cache.
+
+        Returns (output [B, T, D], the cache with this layer's new keys and values or None).
+        """
         cfg = self.config
         dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
         d, h, k, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -154,36 +164,41 @@ class Attention(nn.Module):
         key = rotary_embedding(key, positions, cfg.rope_theta, cfg.rope_scaling_factor)
 
         t = x.shape[1]
-        if layer_cache is None:
+        # [B, T, K, E] -> [B, K, T, E], the cache layout.
+        key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
+        if cache is None:
             # Causal attention within the given tokens, never to padded keys.
             causal = jnp.tril(jnp.ones((t, t), bool))
             allowed = causal[None] & mask[:, None, :]
             new_cache = None
         else:
-            # Write the new keys and values at slots [index, index + T) and attend over all slots.
-            cached_keys, cached_values = layer_cache
-            cached_keys = jax.lax.dynamic_update_slice(
-                cached_keys, key.astype(cached_keys.dtype), (0, cache_index, 0, 0)
+            # Write the new keys and values of this layer at slots [index, index + T) and
+            # attend over all of its slots.
+            all_keys, all_values = cache
+            start = (layer, 0, 0, cache_index, 0)
+            all_keys = jax.lax.dynamic_update_slice(
+                all_keys, key[None].astype(all_keys.dtype), start
             )
-            cached_values = jax.lax.dynamic_update_slice(
-                cached_values, value.astype(cached_values.dtype), (0, cache_index, 0, 0)
+            all_values = jax.lax.dynamic_update_slice(
+                all_values, value[None].astype(all_values.dtype), start
             )
-            key, value = cached_keys.astype(dtype), cached_values.astype(dtype)
-            slots = jnp.arange(cached_keys.shape[1])
+            key = jax.lax.dynamic_index_in_dim(all_keys, layer, keepdims=False).astype(dtype)
+            value = jax.lax.dynamic_index_in_dim(all_values, layer, keepdims=False).astype(dtype)
+            slots = jnp.arange(all_keys.shape[3])
             query_slots = cache_index + jnp.arange(t)
             # [B, T, S]: a query sees real slots at or before its own slot.
             allowed = (slots[None, :] <= query_slots[:, None])[None] & cache_mask[:, None, :]
-            new_cache = (cached_keys, cached_values)
+            new_cache = (all_keys, all_values)
 
         # Group the H query heads as K groups of G heads that share one key/value head.
         b = x.shape[0]
         query = query.reshape(b, t, k, h // k, e)
-        logits = jnp.einsum("btkge,bske->bkgts", query, key).astype(jnp.float32)
+        logits = jnp.einsum("btkge,bkse->bkgts", query, key).astype(jnp.float32)
         logits = logits / jnp.sqrt(jnp.float32(e))
         # A finite fill keeps rows without any visible key (left padding) free of NaNs.
         logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bske->btkge", probs, value).reshape(b, t, h, e)
+        out = jnp.einsum("bkgts,bkse->btkge", probs, value).reshape(b, t, h, e)
         out = jnp.einsum("bthe,hed->btd", out, wo.astype(dtype))
         return out, new_cache
 
@@ -208,12 +223,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block; the scan body over layers."""
+    """One pre-norm transformer block; the scan body over layers.
+
+    The scan carry is (x [B, T, D], cache), where cache is None or the (keys, values) of all
+    layers; the scanned input is the layer's index into the cache.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, mask, cache_mask, cache_index):
+    def __call__(self, carry, layer, positions, mask, cache_mask, cache_index):
+        x, cache = carry
         cfg = self.config
         pdtype = cfg.jnp_param_dtype
         x = shd.constrain(x, (shd.BATCH, shd.LENGTH, shd.ACT_EMBED))
@@ -221,13 +241,14 @@ class Block(nn.Module):
             RMSNorm(cfg.rms_norm_eps, pdtype, name="attention_norm")(x),
             positions,
             mask,
-            layer_cache,
+            cache,
             cache_mask,
             cache_index,
+            layer,
         )
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, pdtype, name="mlp_norm")(x))
-        return x, new_cache
+        return (x, new_cache), None
 
 
 def _remat_policy(name: str):
@@ -306,13 +327,14 @@ class Llama(nn.Module):
             metadata_params={nn.PARTITION_NAME: shd.LAYERS},
         )
         if cache is None:
-            layer_caches, cache_mask, cache_index = None, None, None
+            kv_cache, cache_mask, cache_index = None, None, None
         else:
-            layer_caches = (cache.keys, cache.values)
+            kv_cache = (cache.keys, cache.values)
             cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
             cache_index = cache.index
-        x, new_layer_caches = stack(cfg, name="layers")(
-            x, layer_caches, positions, mask, cache_mask, cache_index
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, new_kv_cache), _ = stack(cfg, name="layers")(
+            (x, kv_cache), layers, positions, mask, cache_mask, cache_index
         )
         x = RMSNorm(cfg.rms_norm_eps, pdtype, name="final_norm")(x)
         x = shd.constrain(x, (shd.BATCH, shd.LENGTH, shd.ACT_EMBED))
@@ -320,8 +342,8 @@ class Llama(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = KVCache(
-                keys=new_layer_caches[0],
-                values=new_layer_caches[1],
+                keys=new_kv_cache[0],
+                values=new_kv_cache[1],
                 mask=cache_mask,
                 index=cache.index + tokens.shape[1],
             )
