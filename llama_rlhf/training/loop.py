@@ -163,9 +163,9 @@ def make_train_step(
         metrics = dict(metrics)
         one = jnp.ones((), jnp.float32)
         metrics.setdefault("loss", (loss.astype(jnp.float32), one))
-        metrics["grad_norm"] = (optax.global_norm(grads), one)
-        metrics["param_norm"] = (optax.global_norm(new_state.params), one)
-        metrics["update_norm"] = (optax.global_norm(updates), one)
+        metrics["grad_norm"] = (optax.tree.norm(grads), one)
+        metrics["param_norm"] = (optax.tree.norm(new_state.params), one)
+        metrics["update_norm"] = (optax.tree.norm(updates), one)
         if schedule is not None:
             metrics["learning_rate"] = (jnp.asarray(schedule(state.step), jnp.float32), one)
         if "mask" in batch:
