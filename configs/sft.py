@@ -18,8 +18,11 @@ Variants (`--config=configs/sft.py:<variant>[,smoke]`):
 Commands (from the repository root):
   python -m experiments.sft --config=configs/sft.py:tiny --workdir=/tmp/sft_tiny
 
-  Expected: about 2 minutes on 2 CPU cores (224 steps); the held-out loss falls from about
-  10.4 (ln 32000, a uniform guess) to about 6 nats per answer token.
+  Expected: 192 steps (252 of the 1,789 training dialogues have no answer token within 256
+  tokens and are dropped). The held-out loss falls from 10.4 nats per answer token (ln 32000,
+  a uniform guess) to 6.07, next-token accuracy 16%. Measured: 21 minutes on 2 CPU cores
+  shared with five other jobs, 5 minutes of CPU time (user + system), so an estimated 3 minutes
+  on 2 idle cores.
 
   python -m experiments.sft --config=configs/sft.py:7b --workdir=$WORKDIR \\
     --config.init_from=$LLAMA2_7B --config.data.tokenizer=$LLAMA2_7B \\
@@ -39,8 +42,8 @@ from llama_rlhf.training.optim import default_optimizer_config
 
 VARIANTS = ("tiny", "7b", "13b", "70b")
 
-# Mesh per model size: FSDP over every device; the 70B model also splits its 64 query and
-# 8 key/value heads over a tensor axis of 8.
+# Mesh per model size: parameters are sharded (FSDP) over every device. The 70B model also
+# splits its 64 query and 8 key/value heads over a tensor axis of 8.
 _MESH = {
     "7b": {"data": 1, "fsdp": -1, "tensor": 1},
     "13b": {"data": 1, "fsdp": -1, "tensor": 1},

@@ -231,8 +231,10 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
 def eval_batches(
     examples: Sequence[Example], batch_size: int, max_length: int, pad_id: int, truncate: bool
 ) -> list[dict[str, np.ndarray]]:
-    """Batches every eval example in order; the last batch is filled with empty rows
-    (all-False masks), which count for nothing, so every batch has the same shape."""
+    """Batches every eval example in order, with the same shape for every batch.
+
+    The last batch is filled up with empty rows (all-False masks), which count for nothing.
+    """
     batches = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
@@ -296,7 +298,7 @@ def create_mesh_from_config(config: ml_collections.ConfigDict):
 
 @dataclasses.dataclass
 class SFTResult:
-    """What `train_on_examples` returns.
+    """The result of `train_on_examples`.
 
     Attributes:
       metrics: the last train metrics ("train/...") and eval metrics ("eval/loss",
@@ -328,7 +330,7 @@ def train_on_examples(
     """Fine-tunes a language model on prepared (ids, loss_mask) examples.
 
     Rerunning with the same arguments and workdir resumes from the last checkpoint with the
-    same data order; a run that already finished only re-exports its model.
+    same data order. A run that already finished only exports its model again.
 
     Args:
       config: an SFT config (see configs/sft.py); `config.init_from` and

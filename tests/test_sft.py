@@ -147,7 +147,7 @@ def test_sft_loss_mask_literal_arrays(tmp_path, shared):
          0, 0, 0, 0, 0, 0])
 
     # The stage's loss is the mean cross-entropy of exactly those 7 targets, each predicted
-    # from the previous position; a plain loop over the logits is the reference.
+    # from the previous position. A plain loop over the logits is the reference.
     config = get_variant("tiny", **TINY_MODEL)
     model = Llama(config)
     params = init_params(config, jax.random.key(0))
@@ -238,7 +238,7 @@ def test_sft_resume_matches_uninterrupted_run(tmp_path, small_tokenizer):
                               tokenizer=small_tokenizer)
 
 
-def test_train_on_examples_from_saved_model_with_turn_masks(tmp_path, small_tokenizer):
+def test_train_on_examples_saved_model_start(tmp_path, small_tokenizer):
     # Ghost Attention style: only the last answer of each dialogue is a target.
     examples = [encode_for_training(small_tokenizer, d, learn="last") for d in make_dialogues(8)]
     model_config = get_variant("tiny", **TINY_MODEL, vocab_size=300)

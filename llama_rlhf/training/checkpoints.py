@@ -133,8 +133,8 @@ def save_model(
 ) -> pathlib.Path:
     """Exports a model to `directory` (params with orbax, plus `model.json`).
 
-    The folder is written under a temporary name and renamed into place, so `directory` holds
-    either the previous complete export or the new one. An existing export is replaced.
+    The folder is written under a temporary name and renamed into place, so `directory`
+    contains either the previous complete export or the new one. An existing export is replaced.
 
     Returns:
       The absolute path of the export.

@@ -1,8 +1,8 @@
 """The generic training loop: data order, train and eval steps, throughput and MFU, resume.
 
-A stage supplies a loss function and a way to build the batch of a given step; this module
-turns the loss into a pure jitted train step with explicit shardings and donated state, and runs
-it with logging, evaluation, checkpointing and resume. The data order depends only on
+A stage supplies a loss function and a way to build the batch of a given step. This module
+turns the loss into a pure jitted train step with explicit shardings and donated state. It runs
+that step with logging, evaluation, checkpointing and resume. The data order depends only on
 (seed, epoch, step), so a run restarted with the same command continues from its last
 checkpoint with exactly the batches an uninterrupted run would have seen.
 
@@ -161,15 +161,17 @@ def make_train_step(
         new_state, updates = state.apply_gradients(grads)
 
         metrics = dict(metrics)
-        one = jnp.ones((), jnp.float32)
-        metrics.setdefault("loss", (loss.astype(jnp.float32), one))
-        metrics["grad_norm"] = (optax.tree.norm(grads), one)
-        metrics["param_norm"] = (optax.tree.norm(new_state.params), one)
-        metrics["update_norm"] = (optax.tree.norm(updates), one)
+        # Per-step values count once each in the log-time mean.
+        step_count = jnp.ones((), jnp.float32)
+        metrics.setdefault("loss", (loss.astype(jnp.float32), step_count))
+        metrics["grad_norm"] = (optax.tree.norm(grads), step_count)
+        metrics["param_norm"] = (optax.tree.norm(new_state.params), step_count)
+        metrics["update_norm"] = (optax.tree.norm(updates), step_count)
         if schedule is not None:
-            metrics["learning_rate"] = (jnp.asarray(schedule(state.step), jnp.float32), one)
+            learning_rate = jnp.asarray(schedule(state.step), jnp.float32)
+            metrics["learning_rate"] = (learning_rate, step_count)
         if "mask" in batch:
-            metrics["tokens"] = (jnp.sum(batch["mask"], dtype=jnp.float32), one)
+            metrics["tokens"] = (jnp.sum(batch["mask"], dtype=jnp.float32), step_count)
         return new_state, metrics
 
     jitted = jax.jit(
@@ -260,9 +262,9 @@ class PerformanceMeter:
     (unpadded) tokens of the batch, so padding lowers MFU. On CPU the measured host peak is
     used once, not per fake device.
 
-    Call `reset()` once the first (compiling) step has finished and after each pause such as
-    evaluation or checkpointing; call `measure(steps, tokens)` after blocking on the results of
-    the steps dispatched since.
+    Call `reset()` once the first (compiling) step has finished, and again after each pause such
+    as evaluation or checkpointing. Call `measure(steps, tokens)` after blocking on the results
+    of the steps dispatched since the last reset.
     """
 
     def __init__(self, flops_per_token: float | None, devices=None):
@@ -346,7 +348,7 @@ def default_loop_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass
 class LoopResult:
-    """What `train_loop` returns.
+    """The result of `train_loop`.
 
     Attributes:
       state: the final train state.
@@ -405,8 +407,8 @@ def train_loop(
       num_steps: the total number of steps of the run (not of this call).
       abstract_state: shapes and shardings to restore a checkpoint into
         (`train_state_shardings`).
-      init_state: the initial state, or a function that creates it; only used when there is
-        no checkpoint, so a function avoids loading weights that a resume would discard.
+      init_state: the initial state, or a function that creates it. It is only used when there
+        is no checkpoint, so a function avoids loading weights that a resume would discard.
       train_step: from `make_train_step`.
       batch_fn: step -> host batch (dict of numpy arrays) for 0-based `step`. It must depend
         only on the step (and fixed settings), which makes resume exact.

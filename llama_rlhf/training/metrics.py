@@ -1,8 +1,8 @@
 """Metric writing (TensorBoard and JSONL in the workdir), the run config file, and host-side
 reduction of (sum, count) metrics.
 
-Metric names are namespaced: `train/`, `eval/`, `ppo/`, `perf/`. `metrics.jsonl` holds one JSON
-object per written step, {"step": s, "train/loss": ..., ...}; TensorBoard events go under
+Metric names are namespaced: `train/`, `eval/`, `ppo/`, `perf/`. `metrics.jsonl` contains one
+JSON object per written step, {"step": s, "train/loss": ..., ...}. TensorBoard events go under
 `tensorboard/`.
 """
 
