@@ -232,6 +232,13 @@ def test_sft_resume_matches_uninterrupted_run(tmp_path, small_tokenizer):
     jax.tree.map(np.testing.assert_array_equal, exported.params,
                  jax.device_get(reference.params))
 
+    # Rerunning a finished run trains no further and exports the same model.
+    again = sft.train_on_examples(config, tmp_path / "resumed", examples,
+                                  tokenizer=small_tokenizer)
+    assert again.steps == 5
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(again.params),
+                 jax.device_get(resumed.params))
+
     # Other examples in the same workdir are refused rather than silently mixed.
     with pytest.raises(ValueError, match="same config"):
         sft.train_on_examples(config, tmp_path / "resumed", examples[::-1],

@@ -213,6 +213,9 @@ def test_create_train_state_with_given_params_keeps_them():
     state, _ = create_train_state(config, "lm", tx, single_device_mesh(), jax.random.key(0),
                                   params=params)
     np.testing.assert_array_equal(state.params["embed"], params["embed"])
+    # The state owns its buffers, so a train step that donates it leaves `params` usable
+    # (PPO keeps the starting parameters as its reference model).
+    assert state.params["embed"].unsafe_buffer_pointer() != params["embed"].unsafe_buffer_pointer()
 
 
 def test_create_train_state_rejects_wrong_shapes():
