@@ -152,25 +152,57 @@ def process_logits(logits: jax.Array, temperature: float = 1.0, top_k: int | Non
 
     Top-k keeps tokens whose logit is >= the k-th largest. Top-p sorts the remaining tokens by
     probability p_(1) >= p_(2) >= ... and keeps token (i) while sum_{j<i} p_(j) < top_p, so the
-    most likely token is always kept; tokens tied with the last kept one are kept too.
+    most likely token is always kept; tokens tied with the last kept one are kept too. The
+    probability sums are float32, so a token whose preceding mass is within rounding of top_p
+    may fall on either side.
     """
     logits = logits.astype(jnp.float32)
     if temperature not in (0.0, 1.0):
         logits = logits / jnp.float32(temperature)
     vocab_size = logits.shape[-1]
     if top_k and top_k < vocab_size:
-        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        # The minimum of the top k rather than its last column: XLA on CPU turns a top-k whose
+        # last column is sliced off into a full sort, about 80 times slower at V = 32000.
+        kth_largest = jnp.min(jax.lax.top_k(logits, top_k)[0], axis=-1, keepdims=True)
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     if top_p < 1.0:
-        descending = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(descending, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = (mass_before < top_p) & jnp.isfinite(descending)
-        # The smallest kept logit; index 0 (the maximum) is always kept.
-        num_kept = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
-        threshold = jnp.take_along_axis(descending, num_kept - 1, axis=-1)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        logits = jnp.where(logits < _top_p_threshold(logits, top_p), -jnp.inf, logits)
     return logits
+
+
+def _ordered_int(x: jax.Array) -> jax.Array:
+    """Maps float32 to int32 so that the integer order is the float order (-inf included)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits >= 0, bits, bits ^ jnp.int32(0x7FFFFFFF))
+
+
+def _top_p_threshold(logits: jax.Array, top_p: float) -> jax.Array:
+    """Returns the smallest logit [..., 1] that nucleus (top-p) filtering keeps.
+
+    A token with logit z is kept when the probability mass of the tokens with a larger logit,
+    g(z) = sum_{j: z_j > z} p_j, is < top_p, which is the sorted-order rule of
+    `process_logits` with ties kept. g decreases with z, so the kept tokens are those at or above
+    a threshold, found by bisection over the 2^32 float32 values in 32 masked sums over the
+    vocabulary. Sorting the vocabulary instead costs about ten times more on CPU at V = 32000.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = _ordered_int(logits)
+    # Invariants: g(high) < top_p (g of the maximum is 0) and g(low) >= top_p (low is below
+    # every logit, so g(low) is the whole mass); the threshold is the smallest key > low with
+    # g < top_p, so the loop ends with high equal to it.
+    high = jnp.max(keys, axis=-1, keepdims=True)
+    low = jnp.full_like(high, jnp.iinfo(jnp.int32).min)
+
+    def halve(_, bounds):
+        low, high = bounds
+        # floor((low + high) / 2) without int32 overflow.
+        middle = (low >> 1) + (high >> 1) + (low & high & 1)
+        mass_above = jnp.sum(jnp.where(keys > middle, probs, 0.0), axis=-1, keepdims=True)
+        below_top_p = mass_above < top_p
+        return jnp.where(below_top_p, low, middle), jnp.where(below_top_p, middle, high)
+
+    _, high = jax.lax.fori_loop(0, 32, halve, (low, high))
+    return jnp.min(jnp.where(keys >= high, logits, jnp.inf), axis=-1, keepdims=True)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array, temperature: float = 1.0,
@@ -236,6 +268,17 @@ def response_logprobs(model_config: LlamaConfig, params, output: SampleOutput,
     return result[:, prompt_length:]
 
 
+def _first_argmax(x: jax.Array) -> jax.Array:
+    """Returns the first index of the maximum along the last axis, as int32.
+
+    Same result as `jnp.argmax` for inputs without NaN; two plain reductions are about four times
+    faster than argmax's variadic reduction on CPU at V = 32000.
+    """
+    maximum = jnp.max(x, axis=-1, keepdims=True)
+    indices = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == maximum, indices, x.shape[-1]), axis=-1)
+
+
 def sample_from_logits(logits: jax.Array, keys: jax.Array, sampling: SamplingConfig):
     """Draws one token per row from logits [B, V] with per-row keys [B].
 
@@ -245,10 +288,12 @@ def sample_from_logits(logits: jax.Array, keys: jax.Array, sampling: SamplingCon
     """
     processed = process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
     if sampling.is_greedy:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = _first_argmax(logits)
     else:
-        # Gumbel-max sampling; filtered tokens are -inf and never drawn.
-        tokens = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+        # Gumbel-max sampling: argmax(z + Gumbel noise) is distributed as softmax(z). Filtered
+        # tokens are -inf and never drawn.
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:]))(keys)
+        tokens = _first_argmax(processed + noise)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
     logprobs = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
     plain = None
