@@ -1,11 +1,11 @@
-"""Rejection-sampling fine-tuning, as in Llama 2-Chat's RLHF versions V1 to V4.
+"""Rejection-sampling fine-tuning, as in Llama 2-Chat's iterative RLHF.
 
 Llama 2 (Touvron et al. 2023, arXiv:2307.09288, section 3.2.3) samples K answers per prompt
 from the latest model, scores them with the best reward model available, keeps the best answer
-per prompt and fine-tunes on those answers like SFT. From RLHF V4 on, the selection also pooled
+per prompt and fine-tunes on those answers like SFT. After RLHF V3, the selection also pooled
 the best answers of all earlier iterations, because selecting only among the newest samples
-caused regressions. Only the 70B model was sampled; the 7B and 13B models were fine-tuned on
-the 70B model's selections.
+caused regressions. Only the 70B model was sampled, and the 7B and 13B models were fine-tuned
+on the 70B model's selections.
 
 Sampling choices and their source:
   * temperature 1.2: section 3.2.3 reports T in [1.2, 1.3] as the best temperature for an
@@ -23,7 +23,8 @@ Variants (`--config=configs/rejection_sampling.py:<variant>[,smoke]`):
   tiny      a self-contained CPU run. It builds the synthetic setup of the PPO stage in
             `<workdir>/setup` (a SentencePiece tokenizer, a tiny policy, and helpfulness and
             safety reward models trained on synthetic comparisons), then samples K = 8
-            answers for 128 prompts, selects, and fine-tunes.
+            answers for 128 prompts, selects, fine-tunes, and measures the initial and the
+            fine-tuned policy with the world's gold scorer.
   7b, 13b, 70b   the paper's settings. Set `policy_init`, `tokenizer`,
             `reward_models.helpfulness`, `reward_models.safety` and `prompts`; for 7b and 13b
             also `sampling_policy`, the 70B model that samples.
@@ -33,10 +34,20 @@ Command (tiny, from the repository root):
   python -m experiments.rejection_sampling --config=configs/rejection_sampling.py:tiny \\
     --workdir=/tmp/rs_tiny
 
-Expected: about 7 minutes on 2 CPU cores, most of it building the synthetic setup. The
-max-over-N reward rises with N while the median stays flat; `<workdir>/best_of_n.json` and
-`best_of_n.png` hold both curves, `selected.jsonl` the selected answers and `model/` the
-fine-tuned policy. Rerunning the command resumes an interrupted run.
+Expected: about 22 minutes on 2 CPU cores (measured 21m45s wall, 6.5 minutes of CPU time, on
+cores shared with other jobs), almost all of it building the synthetic setup (a 400-step SFT
+policy and two reward models of about 300 steps). Sampling, selection and fine-tuning take
+under a minute. Measured with seed 0 (105 distinct prompts of the 128 drawn, K = 8), the
+expected best gated reward among N samples rises with N while the median stays flat:
+    N        1      2      3      4      5      6      7      8
+    max    0.442  0.639  0.744  0.806  0.846  0.873  0.892  0.907
+    median 0.442  0.442  0.430  0.430  0.425  0.425  0.425  0.425
+The world's gold scorer agrees that selection helps: the selected answers score 0.312 against
+0.205 for all samples, and on 64 held-out prompts the fine-tuned policy scores 0.208 against
+0.166 for the initial one (unsafe answers 3.1% against 7.8%). `<workdir>/best_of_n.json` and
+`best_of_n.png` hold the curves, `selected.jsonl` the selected answers, `evaluation.json` the
+gold scores and `model/` the fine-tuned policy. Rerunning the command resumes an interrupted
+run.
 
 Command (70B, on a TPU or GPU host; the paths are examples):
   python -m experiments.rejection_sampling --config=configs/rejection_sampling.py:70b \\
@@ -53,6 +64,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import ppo as ppo_configs
 from configs import sft as sft_configs
 
 VARIANTS = ("tiny", "7b", "13b", "70b")
@@ -115,26 +127,16 @@ def _base_config() -> ml_collections.ConfigDict:
     # Rescore pooled answers with this run's reward models; off: compare stored scores.
     config.selection.rescore_previous = True
 
-    # The synthetic task of the tiny variant (the PPO stage's setup); unused otherwise.
-    config.synthetic = ml_collections.ConfigDict()
+    # The synthetic task of the tiny variant, built by `llama_rlhf.synthetic`; unused otherwise.
+    config.synthetic = _synthetic_config("tiny")
     config.synthetic.enabled = False
-    config.synthetic.vocab_size = 96
-    config.synthetic.model = ml_collections.ConfigDict({
-        "hidden_size": 64,
-        "intermediate_size": 176,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "max_seq_len": 128,
-    })
-    config.synthetic.num_train_prompts = 128
-    config.synthetic.num_eval_prompts = 16
-    config.synthetic.num_comparisons = 2048
-    config.synthetic.reward_model_steps = 300
-    config.synthetic.reward_model_batch_size = 32
-    config.synthetic.reward_model_learning_rate = 1e-3
-    config.synthetic.policy_sft_steps = 0
     return config
+
+
+def _synthetic_config(arg: str) -> ml_collections.ConfigDict:
+    """Returns an unlocked copy of the PPO stage's synthetic setup settings, so that both
+    stages build the same kind of tiny policy and reward models."""
+    return ml_collections.ConfigDict(ppo_configs.get_config(arg).synthetic.to_dict())
 
 
 def _finetune_config(variant: str) -> ml_collections.ConfigDict:
@@ -147,16 +149,18 @@ def _finetune_config(variant: str) -> ml_collections.ConfigDict:
 
 def _tiny(config: ml_collections.ConfigDict) -> None:
     config.synthetic.enabled = True
+    config.synthetic.num_train_prompts = 128
+    # Held-out prompts on which the initial and the fine-tuned policy are compared.
+    config.synthetic.num_eval_prompts = 64
     config.sampling.num_samples = 8
     # A tiny SFT policy is far from an RLHF one; 1.0 keeps its samples fluent.
     config.sampling.temperature = 1.0
     config.sampling.max_prompt_length = 48
-    config.sampling.max_new_tokens = 32
+    config.sampling.max_new_tokens = 48
     config.sampling.prompt_batch_size = 32
     config.sampling.score_batch_size = 64
     config.sampling.save_all_responses = True
     finetune = config.finetune
-    finetune.model_overrides = ml_collections.ConfigDict()
     finetune.data.max_length = 96
     finetune.batch_size = 16
     finetune.num_epochs = 2
@@ -176,11 +180,11 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
     config.finetune.num_steps = 2
     config.finetune.loop.log_every = 1
     config.finetune.loop.checkpoint_every = 1
+    enabled = config.synthetic.enabled
+    config.synthetic = _synthetic_config("tiny,smoke")
+    config.synthetic.enabled = enabled
     config.synthetic.num_train_prompts = 8
     config.synthetic.num_eval_prompts = 4
-    config.synthetic.num_comparisons = 64
-    config.synthetic.reward_model_steps = 4
-    config.synthetic.reward_model_batch_size = 8
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

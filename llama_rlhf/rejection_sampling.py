@@ -237,11 +237,12 @@ def prepare_prompts(
             f"All {len(prompts)} prompts are longer than max_prompt_length "
             f"({max_prompt_length} tokens) or duplicates; raise sampling.max_prompt_length."
         )
-    if num_too_long or num_duplicates:
-        logger.warning(
-            "Dropped %d of %d prompts longer than %d tokens and %d duplicate prompts.",
-            num_too_long, len(prompts), max_prompt_length, num_duplicates,
-        )
+    if num_too_long:
+        logger.warning("Dropped %d of %d prompts longer than %d tokens.", num_too_long,
+                       len(prompts), max_prompt_length)
+    if num_duplicates:
+        logger.info("Dropped %d of %d prompts that repeat an earlier prompt.", num_duplicates,
+                    len(prompts))
     return PromptSet(tuple(kept), tuple(ids), tuple(keys), num_too_long, num_duplicates)
 
 
@@ -631,6 +632,41 @@ def _strip_stop(ids: list[int], stop_id: int) -> tuple[list[int], bool]:
     return (ids[:-1] if finished else ids), finished
 
 
+def make_sampler(policy: str | os.PathLike, config: ml_collections.ConfigDict,
+                 tokenizer: Tokenizer, mesh) -> sampling_lib.Sampler:
+    """Loads `policy` and returns a sampler drawing `config.sampling.num_samples` answers per
+    prompt with the configured temperature, top-k, top-p and max_new_tokens."""
+    model = load_initial_params(str(policy), head="lm", rng=jax.random.key(int(config.seed)),
+                                mesh=mesh)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"The policy {policy} has {model.config.vocab_size} token ids, fewer than the "
+            f"tokenizer {tokenizer.source} ({tokenizer.vocab_size}).")
+    sampling = config.sampling
+    sampling_config = sampling_lib.SamplingConfig(
+        temperature=float(sampling.temperature), top_k=int(sampling.top_k) or None,
+        top_p=float(sampling.top_p), max_new_tokens=int(sampling.max_new_tokens),
+        num_samples=int(sampling.num_samples))
+    return sampling_lib.Sampler(model.config, model.params, sampling_config, tokenizer.eos_id,
+                                pad_id=tokenizer.pad_id, mesh=mesh)
+
+
+def generate_padded(sampler: sampling_lib.Sampler, prompts: Sequence[Sequence[int]],
+                    rng: jax.Array, pad_to: int, pad_id: int) -> list[list[int]]:
+    """Generates `num_samples` responses per prompt, prompt-major, each with its stop token.
+
+    The batch is padded to `pad_to` prompts (repeating the first) so that every call has one
+    batch size and reuses one compiled program. The padding rows are dropped.
+    """
+    padded = list(prompts) + [prompts[0]] * (pad_to - len(prompts))
+    batch = left_pad(padded, max(len(p) for p in padded), pad_id)
+    output = sampler.generate(batch["tokens"], batch["mask"], rng)
+    tokens = np.asarray(output.tokens)
+    lengths = np.asarray(output.lengths)
+    rows = len(prompts) * sampler.sampling.num_samples
+    return [tokens[row, :lengths[row]].tolist() for row in range(rows)]
+
+
 def sample_batch(
     sampler: sampling_lib.Sampler,
     scorer: RewardScorer,
@@ -645,8 +681,10 @@ def sample_batch(
 ) -> list[dict[str, Any]]:
     """Samples and scores K responses for the prompts `indices` of `prompt_set`.
 
-    The batch is padded to `pad_to` prompts (repeating the first) so that every batch has one
-    shape and the sampler compiles once; the padding rows are dropped.
+    Args:
+      pad_to: the number of prompts every sampler call is padded to (`generate_padded`).
+      skip_unfinished: whether samples without EOS are excluded from the selection.
+      save_all_responses: whether the result keeps the text of all K samples.
 
     Returns:
       One JSON-ready dict per prompt: index, key, scores, helpfulness, safety (None without a
@@ -656,16 +694,12 @@ def sample_batch(
     """
     num_samples = sampler.sampling.num_samples
     prompts = [prompt_set.ids[i] for i in indices]
-    padded = prompts + [prompts[0]] * (pad_to - len(prompts))
-    batch = left_pad(padded, max(len(p) for p in padded), tokenizer.pad_id)
-    output = sampler.generate(batch["tokens"], batch["mask"], rng)
-    tokens = np.asarray(output.tokens)
-    lengths = np.asarray(output.lengths)
+    responses = generate_padded(sampler, prompts, rng, pad_to, tokenizer.pad_id)
+    lengths = np.array([len(response) for response in responses])
 
-    rows = len(prompts) * num_samples
+    rows = len(responses)
     prompt_ids, response_ids, texts, finished = [], [], [], []
-    for row in range(rows):
-        generated = tokens[row, :lengths[row]].tolist()
+    for row, generated in enumerate(responses):
         answer_ids, is_finished = _strip_stop(generated, tokenizer.eos_id)
         prompt_ids.append(prompts[row // num_samples])
         # The reward models score the response as generated, EOS included when it was produced.
@@ -910,8 +944,8 @@ def sample_statistics(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def write_curves(workdir: pathlib.Path, results: Sequence[Mapping[str, Any]],
-                  prompt_set: PromptSet, config: ml_collections.ConfigDict,
-                  reward_description: str) -> dict[str, Any]:
+                 prompt_set: PromptSet, config: ml_collections.ConfigDict,
+                 reward_description: str) -> dict[str, Any]:
     """Writes best_of_n.json and best_of_n.png; returns the curves."""
     scores = np.array([result["scores"] for result in results], np.float64)
     is_safety = np.array([prompt_set.prompts[r["index"]].is_safety_prompt for r in results])
@@ -1030,7 +1064,6 @@ def run_rejection_sampling(
     _check_config(config)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    save_config(workdir, config)
     policy_init = str(policy_init)
     sampling_policy = str(sampling_policy or policy_init)
     previous_selections = [str(path) for path in previous_selections]
@@ -1055,6 +1088,8 @@ def run_rejection_sampling(
     samples_dir = workdir / SAMPLES_DIR
     samples_dir.mkdir(parents=True, exist_ok=True)
     _check_manifest(samples_dir, manifest)
+    # Written after the manifest check, so that rejected settings never replace the config.
+    save_config(workdir, config)
     mesh = create_mesh(config)
 
     # Models are loaded on first use and released before fine-tuning.
@@ -1065,23 +1100,11 @@ def run_rejection_sampling(
             loaded["scorer"] = load_reward_scorer(reward_models, tokenizer, config, mesh)
         return loaded["scorer"]
 
-    def make_sampler() -> sampling_lib.Sampler:
-        policy = load_initial_params(sampling_policy, head="lm",
-                                     rng=jax.random.key(int(config.seed)), mesh=mesh)
-        if policy.config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(
-                f"The sampling policy {sampling_policy} has {policy.config.vocab_size} token "
-                f"ids, fewer than the tokenizer {tokenizer.source} ({tokenizer.vocab_size}).")
-        sampling = config.sampling
-        sampling_config = sampling_lib.SamplingConfig(
-            temperature=float(sampling.temperature), top_k=int(sampling.top_k) or None,
-            top_p=float(sampling.top_p), max_new_tokens=int(sampling.max_new_tokens),
-            num_samples=int(sampling.num_samples))
-        return sampling_lib.Sampler(policy.config, policy.params, sampling_config,
-                                    tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh)
+    def make_policy_sampler() -> sampling_lib.Sampler:
+        return make_sampler(sampling_policy, config, tokenizer, mesh)
 
     # 1-2. Sample, score and select the best sample per prompt.
-    results = run_sampling(config, samples_dir, prompt_set, tokenizer, make_sampler,
+    results = run_sampling(config, samples_dir, prompt_set, tokenizer, make_policy_sampler,
                            make_scorer, on_batch=on_batch)
     statistics = sample_statistics(results)
     logger.info("Sampled %d prompts x %d: mean score %.4f, mean best score %.4f, %.1f%% "
@@ -1142,6 +1165,71 @@ def _format_curve(values: Sequence[float]) -> str:
 # Entry point.
 
 
+def sample_answers(policy: str | os.PathLike, prompts: Sequence[Prompt], tokenizer: Tokenizer,
+                   config: ml_collections.ConfigDict, rng: jax.Array
+                   ) -> tuple[list[Prompt], list[str]]:
+    """Samples K answers per prompt from `policy`, as the sampling phase does.
+
+    Returns:
+      (prompts, answers): each prompt repeated K times and the K answers, without EOS.
+    """
+    sampler = make_sampler(policy, config, tokenizer, create_mesh(config))
+    batch_size = int(config.sampling.prompt_batch_size)
+    repeated, answers = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        responses = generate_padded(sampler, [p.encode(tokenizer) for p in batch],
+                                    jax.random.fold_in(rng, start), batch_size,
+                                    tokenizer.pad_id)
+        repeated += [p for p in batch for _ in range(sampler.sampling.num_samples)]
+        answers += [tokenizer.decode(_strip_stop(ids, tokenizer.eos_id)[0]).strip()
+                    for ids in responses]
+    return repeated, answers
+
+
+def evaluate_with_gold_scorer(setup, workdir: pathlib.Path, summary: Mapping[str, Any],
+                              config: ml_collections.ConfigDict, policy_init: str
+                              ) -> dict[str, Any]:
+    """Measures true answer quality with the synthetic world's gold scorer.
+
+    Reports the mean gold score of all sampled answers (what one sample scores on average),
+    of the selected answers, and of K answers per held-out prompt sampled from the initial and
+    from the fine-tuned policy with the same key. Writes `workdir/evaluation.json`, which a
+    rerun of the same finished run reuses.
+    """
+    path = workdir / "evaluation.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == summary["fingerprint"]:
+            return saved
+    evaluation: dict[str, Any] = {"fingerprint": summary["fingerprint"]}
+
+    # The training prompts: every sample against the selected ones.
+    prompt_set = prepare_prompts(setup.train_prompts, setup.tokenizer,
+                                 int(config.sampling.max_prompt_length), int(config.max_prompts))
+    batch_size = int(config.sampling.prompt_batch_size)
+    results = [result for index in range(-(-len(prompt_set) // batch_size))
+               for result in load_batch(workdir / SAMPLES_DIR, index)]
+    if all("responses" in result for result in results):
+        prompts = [prompt_set.prompts[r["index"]] for r in results for _ in r["responses"]]
+        answers = [answer for r in results for answer in r["responses"]]
+        evaluation["all_samples"] = setup.gold_metrics(prompts, answers)
+    selected = read_selections_jsonl(workdir / SELECTED_FILE)
+    evaluation["selected"] = setup.gold_metrics(
+        [Prompt(s.prompt, s.is_safety_prompt) for s in selected], [s.answer for s in selected])
+
+    # Held-out prompts: the policy before and after fine-tuning.
+    if setup.eval_prompts:
+        rng = jax.random.key(int(config.seed) + 1)
+        for name, policy in (("initial_policy", policy_init),
+                             ("fine_tuned_policy", summary["model_dir"])):
+            prompts, answers = sample_answers(policy, setup.eval_prompts, setup.tokenizer,
+                                              config, rng)
+            evaluation[name] = setup.gold_metrics(prompts, answers)
+    write_json_atomic(path, evaluation)
+    return evaluation
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                        ) -> dict[str, Any]:
     """Runs rejection sampling as configured by `configs/rejection_sampling.py`.
@@ -1151,30 +1239,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     paths in the config. See `run_rejection_sampling` for the result.
     """
     workdir = pathlib.Path(workdir).absolute()
-    previous = [path for path in config.previous_selections.split(",") if path.strip()]
+    previous = [path.strip() for path in config.previous_selections.split(",") if path.strip()]
     if config.synthetic.enabled:
         from llama_rlhf import synthetic  # noqa: PLC0415 (builds models; only the tiny run)
 
         setup = synthetic.build_synthetic_setup(config.synthetic, workdir / "setup",
                                                 seed=int(config.seed))
-        tokenizer = setup.tokenizer
-        policy_init = str(setup.policy_dir)
-        reward_models = {"helpfulness": str(setup.helpfulness_dir),
-                         "safety": None if setup.safety_dir is None else str(setup.safety_dir)}
-        prompts = setup.train_prompts
-    else:
-        for field in ("policy_init", "tokenizer", "reward_models.helpfulness", "prompts"):
-            value = config
-            for part in field.split("."):
-                value = value[part]
-            if not value:
-                raise ValueError(f"config.{field} is empty; the {config.variant} variant needs it.")
-        tokenizer = load_tokenizer(config.tokenizer)
-        policy_init = config.policy_init
-        reward_models = {"helpfulness": config.reward_models.helpfulness,
-                         "safety": config.reward_models.safety or None}
-        prompts = read_prompts_jsonl(config.prompts)
+        summary = run_rejection_sampling(
+            config, workdir, policy_init=str(setup.policy_dir),
+            reward_models={"helpfulness": str(setup.helpfulness_dir),
+                           "safety": str(setup.safety_dir)},
+            prompts=setup.train_prompts, tokenizer=setup.tokenizer, previous_selections=previous,
+            sampling_policy=config.sampling_policy or None)
+        evaluation = evaluate_with_gold_scorer(setup, workdir, summary, config,
+                                               str(setup.policy_dir))
+        for name, metrics in evaluation.items():
+            if name != "fingerprint":
+                logger.info("Gold scores of %s: %s", name.replace("_", " "), metrics)
+        return {**summary, "gold": evaluation}
+    for field in ("policy_init", "tokenizer", "reward_models.helpfulness", "prompts"):
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        if not value:
+            raise ValueError(f"config.{field} is empty; the {config.variant} variant needs it.")
     return run_rejection_sampling(
-        config, workdir, policy_init=policy_init, reward_models=reward_models, prompts=prompts,
-        tokenizer=tokenizer, previous_selections=[p.strip() for p in previous],
-        sampling_policy=config.sampling_policy or None)
+        config, workdir, policy_init=config.policy_init,
+        reward_models={"helpfulness": config.reward_models.helpfulness,
+                       "safety": config.reward_models.safety or None},
+        prompts=read_prompts_jsonl(config.prompts), tokenizer=load_tokenizer(config.tokenizer),
+        previous_selections=previous, sampling_policy=config.sampling_policy or None)

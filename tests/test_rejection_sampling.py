@@ -19,12 +19,13 @@ from numpy.testing import assert_allclose
 from configs import rejection_sampling as rs_configs
 from llama_rlhf import rejection_sampling as rs
 from llama_rlhf import sft
+from llama_rlhf.annotators import GoldScorer
 from llama_rlhf.data import synthetic
 from llama_rlhf.data.chat import Message
 from llama_rlhf.data.preferences import InvalidRecordError
 from llama_rlhf.model import get_variant, param_shapes
-from llama_rlhf.ppo import Prompt
-from llama_rlhf.sampling import Sampler, SamplingConfig
+from llama_rlhf.ppo import Prompt, write_prompts_jsonl
+from llama_rlhf.synthetic import SyntheticSetup
 from llama_rlhf.training.checkpoints import load_model, save_model
 
 # ---------------------------------------------------------------------------------------------
@@ -354,12 +355,8 @@ def shared_sampler_and_scorer(config, setup):
 
     def make_sampler():
         if "sampler" not in built:
-            model = load_model(setup["policy_init"])
-            sampling = SamplingConfig(temperature=config.sampling.temperature,
-                                      max_new_tokens=config.sampling.max_new_tokens,
-                                      num_samples=config.sampling.num_samples)
-            built["sampler"] = Sampler(model.config, model.params, sampling, tokenizer.eos_id,
-                                       pad_id=tokenizer.pad_id)
+            built["sampler"] = rs.make_sampler(setup["policy_init"], config, tokenizer,
+                                               rs.create_mesh(config))
         return built["sampler"]
 
     def make_scorer():
@@ -413,11 +410,22 @@ def test_sampling_resumes_without_resampling(tiny_setup, tmp_path):
 
 
 def test_run_end_to_end(tiny_setup, tmp_path):
+    # The experiment's entry point, with every input given as a path in the config.
+    prompt_file = tmp_path / "prompts.jsonl"
+    write_prompts_jsonl(prompt_file, tiny_setup["prompts"])
+    config = run_config(**{
+        "policy_init": tiny_setup["policy_init"],
+        "tokenizer": tiny_setup["tokenizer"].source,
+        "reward_models.helpfulness": tiny_setup["reward_models"]["helpfulness"],
+        "reward_models.safety": tiny_setup["reward_models"]["safety"],
+        "prompts": str(prompt_file),
+    })
     workdir = tmp_path / "rs"
-    config = run_config()
-    sampled = []
-    summary = run(config, workdir, tiny_setup, on_batch=sampled.append)
-    assert sampled == [0, 1, 2]
+    summary = rs.train_and_evaluate(config, workdir)
+    samples_dir = workdir / rs.SAMPLES_DIR
+    batch_files = sorted(samples_dir.glob("batch_*.json"))
+    assert [path.name for path in batch_files] == [
+        "batch_000000.json", "batch_000001.json", "batch_000002.json"]
 
     # Outputs.
     assert summary["sampling"]["num_prompts"] == 12
@@ -441,7 +449,7 @@ def test_run_end_to_end(tiny_setup, tmp_path):
     # Each selected answer is its prompt's best eligible sample in the batch files.
     results = {}
     for index in range(3):
-        for result in rs.load_batch(workdir / rs.SAMPLES_DIR, index):
+        for result in rs.load_batch(samples_dir, index):
             results[result["key"]] = result
     for chosen in selected:
         result = results[chosen.key]
@@ -452,21 +460,47 @@ def test_run_end_to_end(tiny_setup, tmp_path):
         assert chosen.reward_models == tiny_setup["reward_models"]
 
     # A finished run returns its summary without sampling or training again.
-    assert run(config, workdir, tiny_setup, on_batch=sampled.append) == summary
-    assert sampled == [0, 1, 2]
+    written = {path: path.stat().st_mtime_ns for path in batch_files}
+    assert rs.train_and_evaluate(config, workdir) == summary
 
     # Without the summary (a crash after fine-tuning) the rerun reuses the samples and the
     # final fine-tuning checkpoint.
     (workdir / rs.SUMMARY_FILE).unlink()
-    again = run(config, workdir, tiny_setup, on_batch=sampled.append)
-    assert sampled == [0, 1, 2]
+    again = rs.train_and_evaluate(config, workdir)
+    assert {path: path.stat().st_mtime_ns for path in batch_files} == written
     assert again["best_of_n"] == summary["best_of_n"]
     assert rs.read_selections_jsonl(workdir / rs.SELECTED_FILE) == selected
     assert load_model(workdir / rs.MODEL_DIR).metadata["steps"] == 2
 
-    # Changed sampling settings are refused instead of mixing samples.
+    # Changed sampling settings are rejected instead of mixing samples.
+    with config.unlocked():
+        config.sampling.temperature = 0.7
     with pytest.raises(ValueError, match="other settings .*sampling"):
-        run(run_config(**{"sampling.temperature": 0.7}), workdir, tiny_setup)
+        rs.train_and_evaluate(config, workdir)
+    assert json.loads((workdir / "config.json").read_text())["sampling"]["temperature"] == 1.0
+    with config.unlocked():
+        config.sampling.temperature = 1.0
+
+    # The gold scorer of the synthetic world measures samples, selections and both policies.
+    world = synthetic.SyntheticWorld(seed=0, num_animals=4)
+    setup = SyntheticSetup(
+        world=world, tokenizer=tiny_setup["tokenizer"],
+        policy_dir=tiny_setup["policy_init"],
+        helpfulness_dir=tiny_setup["reward_models"]["helpfulness"],
+        safety_dir=tiny_setup["reward_models"]["safety"],
+        train_prompts=tiny_setup["prompts"], eval_prompts=tiny_setup["prompts"][:4],
+        gold_scorer=GoldScorer(world))
+    evaluation = rs.evaluate_with_gold_scorer(setup, workdir, again, config,
+                                              tiny_setup["policy_init"])
+    expected_selected = setup.gold_metrics([Prompt(s.prompt, s.is_safety_prompt)
+                                            for s in selected], [s.answer for s in selected])
+    assert evaluation["selected"] == expected_selected
+    all_answers = [answer for result in results.values() for answer in result["responses"]]
+    assert len(all_answers) == 48
+    assert set(evaluation) == {"fingerprint", "all_samples", "selected", "initial_policy",
+                               "fine_tuned_policy"}
+    assert 0.0 <= evaluation["fine_tuned_policy"]["gold"] <= 1.0
+    assert json.loads((workdir / "evaluation.json").read_text()) == evaluation
 
 
 def test_pooling_rescores_with_current_reward_models(tiny_setup, tmp_path):
