@@ -452,8 +452,9 @@ def train_loop(
                 f"with settings {saved}, but this run has {json_roundtrip(metadata)}. Resume with "
                 "the same config or use a new workdir."
             )
-        logging.info("Resuming from the checkpoint at step %d in %s.", resumed_from,
-                     checkpointer.directory)
+        position = f" (data position {data_order.position(resumed_from)})" if data_order else ""
+        logging.info("Resuming from the checkpoint at step %d in %s%s.", resumed_from,
+                     checkpointer.directory, position)
     else:
         state = init_state() if callable(init_state) else init_state
     start_step = int(jax.device_get(state.step))
