@@ -45,6 +45,13 @@ VARIANTS = ("tiny", "7b", "13b", "34b", "70b")
 
 # The paper's KL penalty coefficient β per model size.
 _BETA = {"7b": 0.01, "13b": 0.01, "34b": 0.005, "70b": 0.005}
+# Mesh per model size: FSDP over all devices, plus 8-way tensor parallelism from 34B on.
+_MESH = {
+    "7b": {"data": 1, "fsdp": -1, "tensor": 1},
+    "13b": {"data": 1, "fsdp": -1, "tensor": 1},
+    "34b": {"data": 1, "fsdp": -1, "tensor": 8},
+    "70b": {"data": 1, "fsdp": -1, "tensor": 8},
+}
 
 
 def _base_config() -> ml_collections.ConfigDict:
@@ -64,6 +71,10 @@ def _base_config() -> ml_collections.ConfigDict:
     config.prompts.eval = ""
     # Held-out prompts used per evaluation (the first ones of the eval file).
     config.prompts.num_eval = 256
+
+    # LlamaConfig numerics for the policy, reference and value model: "dtype" (of activations)
+    # and "remat_policy". Parameters and optimizer states stay in their stored dtype.
+    config.model_overrides = ml_collections.ConfigDict()
 
     # Parallelism: sizes of the (data, fsdp, tensor) mesh axes; -1 takes the remaining devices.
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -139,7 +150,7 @@ def _base_config() -> ml_collections.ConfigDict:
     config.synthetic.num_train_prompts = 512
     config.synthetic.num_eval_prompts = 64
     config.synthetic.num_comparisons = 2048
-    config.synthetic.reward_model_steps = 300
+    config.synthetic.reward_model_steps = 200
     config.synthetic.reward_model_batch_size = 32
     config.synthetic.reward_model_learning_rate = 1e-3
     config.synthetic.policy_sft_steps = 400
@@ -153,11 +164,11 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     config.rollout.batch_size = 64
     config.rollout.sampling_batch_size = 64
     config.rollout.max_prompt_length = 32
-    config.rollout.max_response_length = 48
+    config.rollout.max_response_length = 64
     config.ppo.minibatch_size = 16
     # A tiny policy moves much further per step than a 7B one at lr 1e-6, so both the learning
     # rate and β are chosen for this task: the reward rises within minutes and KL stays small.
-    config.optimizer.learning_rate = 3e-4
+    config.optimizer.learning_rate = 1e-4
     config.value_optimizer.learning_rate = 1e-3
     config.reward.beta = 0.05
     config.num_iterations = 40
@@ -203,6 +214,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         _tiny(config)
     else:
         config.reward.beta = _BETA[variant]
+        config.mesh = ml_collections.ConfigDict(_MESH[variant])
+        # Rollouts of 1024 + 1024 tokens: compute in bfloat16 and recompute each block in the
+        # backward pass.
+        config.model_overrides = ml_collections.ConfigDict(
+            {"dtype": "bfloat16", "remat_policy": "full"}
+        )
+        # In bfloat16 the KV-cache decode and the full forward pass round differently, so the
+        # behaviour log-probabilities come from the trainer's own forward pass.
+        config.rollout.recompute_logp = True
     if "smoke" in options:
         _smoke(config)
     config.lock()

@@ -91,6 +91,9 @@ EARLY_STOPPING_METRICS = (
 )
 WHITENING_MODES = ("metadata", "running")
 PPO_KL_ESTIMATORS = ("k1", "k3")
+# LlamaConfig fields that `config.model_overrides` may change for the policy, the reference
+# and the value model: numerics only, never shapes.
+COMPUTE_OVERRIDES = ("dtype", "remat_policy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +229,8 @@ def encode_prompts(
     counted instead.
 
     Raises:
-      ValueError: no prompt is short enough, or the list is empty; `name` says which list.
+      ValueError: no prompt is short enough, or the list is empty. The message includes
+        `name`.
     """
     if not prompts:
         raise ValueError(f"The {name} prompts are empty.")
@@ -580,7 +584,8 @@ def _token_weighted_gradients(loss_fn, params, batch, num_microbatches: int):
         return (grads, sums, counts + count, jnp.maximum(maximum, micro_maximum)), None
 
     zero_grads = jax.tree.map(jnp.zeros_like, params)
-    _, (_, (_, aux_shape, _)) = jax.eval_shape(
+    # ((loss, (count, aux, maximum)), grads) of one microbatch, for the names in aux.
+    (_, (_, aux_shape, _)), _ = jax.eval_shape(
         lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro))
     )
     zero_sums = {name: jnp.zeros((), jnp.float32) for name in aux_shape}
@@ -1065,7 +1070,12 @@ def run_ppo(
     num_eval = min(config.prompts.num_eval, len(held_out))
 
     # Policy, reference and reward models.
-    policy = load_initial_params(policy_init, head="lm", rng=init_rng, mesh=mesh)
+    overrides = dict(config.model_overrides)
+    unknown = sorted(set(overrides) - set(COMPUTE_OVERRIDES))
+    if unknown:
+        raise ValueError(f"model_overrides may only set {COMPUTE_OVERRIDES}, got {unknown}.")
+    policy = load_initial_params(policy_init, head="lm", rng=init_rng, mesh=mesh,
+                                 model_config_overrides=overrides or None)
     if reward_models.get("helpfulness") is None:
         raise ValueError("reward_models['helpfulness'] is required; it also initializes the value "
                          "model.")
@@ -1093,9 +1103,10 @@ def run_ppo(
     sampling_config = sampling_lib.SamplingConfig(
         temperature=float(config.rollout.temperature), max_new_tokens=response_length
     )
+    value_config = helpfulness.config.replace(**overrides)
     models = _Models(
         policy_config=policy.config,
-        value_config=helpfulness.config,
+        value_config=value_config,
         reference_params=policy.params,
         helpfulness=helpfulness,
         safety=safety,
@@ -1108,7 +1119,7 @@ def run_ppo(
             temperature=float(config.rollout.temperature), response_length=response_length,
         )),
         value_fn=jax.jit(functools.partial(
-            value_estimates, model_config=helpfulness.config, response_length=response_length,
+            value_estimates, model_config=value_config, response_length=response_length,
         )),
     )
 
@@ -1119,9 +1130,7 @@ def run_ppo(
     policy_tx, _ = make_optimizer(config.optimizer, total_steps)
     value_tx, _ = make_optimizer(config.value_optimizer, total_steps)
     policy_abstract, policy_shardings = train_state_shardings(policy.config, "lm", policy_tx, mesh)
-    value_abstract, value_shardings = train_state_shardings(
-        helpfulness.config, "scalar", value_tx, mesh
-    )
+    value_abstract, value_shardings = train_state_shardings(value_config, "scalar", value_tx, mesh)
     checkpointer = Checkpointer(workdir / "checkpoints")
     best_checkpointer = Checkpointer(workdir / "best_policy", max_to_keep=1)
     if checkpointer.latest_step() is not None:
@@ -1137,8 +1146,7 @@ def run_ppo(
             policy.config, "lm", policy_tx, mesh, init_rng, params=_copy_tree(policy.params)
         )
         value_state, _ = create_train_state(
-            helpfulness.config, "scalar", value_tx, mesh, init_rng,
-            params=_copy_tree(helpfulness.params),
+            value_config, "scalar", value_tx, mesh, init_rng, params=_copy_tree(helpfulness.params)
         )
         run = _RunState()
 
@@ -1150,7 +1158,7 @@ def run_ppo(
     )
     step_fn = jax.jit(
         functools.partial(ppo_train_step, policy_config=policy.config,
-                          value_config=helpfulness.config, settings=settings),
+                          value_config=value_config, settings=settings),
         in_shardings=(policy_shardings, value_shardings, _batch_shardings(mesh, config)),
         out_shardings=(policy_shardings, value_shardings, shd.replicated(mesh),
                        shd.replicated(mesh)),
@@ -1171,7 +1179,7 @@ def run_ppo(
         value = metrics[config.early_stopping.metric]
         if value > run.best_value + config.early_stopping.min_delta or run.best_step < 0:
             run.best_value, run.best_step, run.evals_since_best = value, step, 0
-            # A rerun after a crash repeats evaluations made after the last checkpoint; their
+            # A rerun after a crash repeats the evaluations made after the last checkpoint. Their
             # policies are identical, so an existing best checkpoint of this step is kept.
             if step not in best_checkpointer.all_steps():
                 best_checkpointer.save(step, policy_state.params, {"value": value})

@@ -57,9 +57,9 @@ SETUP_FILE = "setup.json"
 # Demonstrations per SFT step, the SFT peak learning rate and sequence length.
 SFT_BATCH_SIZE = 32
 SFT_LEARNING_RATE = 1e-3
-MAX_LENGTH = 128
+MAX_LENGTH = 96
 # Longest answer sampled for the comparisons, in tokens.
-MAX_ANSWER_TOKENS = 48
+MAX_ANSWER_TOKENS = 64
 # Share of safety prompts among all prompts, and of comparisons held out.
 SAFETY_FRACTION = 0.25
 HELD_OUT_FRACTION = 0.1
@@ -228,8 +228,13 @@ def _train_reward_model(config, directory: pathlib.Path, kind: str, train, held_
 
 
 def _settings(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
+    """Returns everything that decides the built setup, to detect a stale one."""
     settings = json.loads(config.to_json_best_effort())
-    settings["seed"] = seed
+    settings.update(
+        seed=seed, sft_batch_size=SFT_BATCH_SIZE, sft_learning_rate=SFT_LEARNING_RATE,
+        max_length=MAX_LENGTH, max_answer_tokens=MAX_ANSWER_TOKENS,
+        safety_fraction=SAFETY_FRACTION, held_out_fraction=HELD_OUT_FRACTION,
+    )
     return settings
 
 
@@ -277,27 +282,30 @@ def build_synthetic_setup(
                                       policy_dir, seed)
             for kind in ("helpfulness", "safety")
         }
+        # Paths relative to the setup folder, so that a moved workdir still loads.
         record = {
             "settings": settings,
-            "policy_dir": str(policy_dir),
-            "helpfulness_dir": str(reward_dirs["helpfulness"]),
-            "safety_dir": str(reward_dirs["safety"]),
+            "policy_dir": str(policy_dir.relative_to(directory)),
+            "helpfulness_dir": str(reward_dirs["helpfulness"].relative_to(directory)),
+            "safety_dir": str(reward_dirs["safety"].relative_to(directory)),
             "num_comparisons": len(comparisons),
         }
         temporary = record_path.with_name(f".{SETUP_FILE}.tmp")
         temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.replace(temporary, record_path)
 
-    for name in ("policy_dir", "helpfulness_dir", "safety_dir"):
-        if not (pathlib.Path(record[name]) / MODEL_FILE).is_file():
-            raise FileNotFoundError(f"{record_path} names {record[name]} as {name}, but it holds "
-                                    "no exported model; delete the setup folder to rebuild it.")
+    paths = {name: directory / record[name]
+             for name in ("policy_dir", "helpfulness_dir", "safety_dir")}
+    for name, path in paths.items():
+        if not (path / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{record_path} names {path} as {name}, but no exported model "
+                                    "is found there; delete the setup folder to rebuild it.")
     return SyntheticSetup(
         world=world,
         tokenizer=tokenizer,
-        policy_dir=pathlib.Path(record["policy_dir"]),
-        helpfulness_dir=pathlib.Path(record["helpfulness_dir"]),
-        safety_dir=pathlib.Path(record["safety_dir"]),
+        policy_dir=paths["policy_dir"],
+        helpfulness_dir=paths["helpfulness_dir"],
+        safety_dir=paths["safety_dir"],
         train_prompts=_prompts(world, int(config.num_train_prompts), _SEED_TRAIN_PROMPTS),
         eval_prompts=_prompts(world, int(config.num_eval_prompts), _SEED_EVAL_PROMPTS),
         gold_scorer=annotators.GoldScorer(world),

@@ -6,6 +6,7 @@ hand arithmetic stated in a comment. The loop tests run `run_ppo` on a tiny rand
 random reward models saved to a temporary folder, with the tokenizer of the synthetic world.
 """
 
+import functools
 import json
 import math
 import pathlib
@@ -265,7 +266,8 @@ def test_config_variants():
     assert betas == {"7b": 0.01, "13b": 0.01, "34b": 0.005, "70b": 0.005}
     config = ppo_configs.get_config("70b")
     assert (config.rollout.batch_size, config.ppo.minibatch_size) == (512, 64)
-    assert config.optimizer.learning_rate == 1e-6 and config.optimizer.schedule == "constant"
+    assert config.optimizer.learning_rate == 1e-6
+    assert config.optimizer.schedule == "constant"
     assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.95, 1e-5)
     assert (config.optimizer.weight_decay, config.optimizer.grad_clip) == (0.1, 1.0)
     with pytest.raises(ValueError, match="Unknown PPO variant"):
@@ -314,8 +316,8 @@ def xla_cache(tmp_path_factory):
     """Turns on JAX's persistent compilation cache for this module's runs, then off again.
 
     Every `run_ppo` call builds new jitted functions, so without the cache each run compiles
-    the sampler and the train step again (about a minute on 2 busy CPU cores); with it the
-    later runs load them.
+    the sampler and the train step again. That takes about a minute on 2 busy CPU cores, and
+    with the cache the later runs load the programs instead.
     """
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
@@ -476,7 +478,8 @@ def test_prompt_too_long_is_dropped(tiny_setup):
     tokenizer = tiny_setup["tokenizer"]
     prompts = [ppo.Prompt((Message("user", "Hi"),)), ppo.Prompt(tuple(range(3, 40)))]
     encoded = ppo.encode_prompts(prompts, tokenizer, 20, name="test")
-    assert encoded.num_dropped == 1 and len(encoded) == 1
+    assert encoded.num_dropped == 1
+    assert len(encoded) == 1
     with pytest.raises(ValueError, match="All 1 test prompts are longer"):
         ppo.encode_prompts(prompts[1:], tokenizer, 20, name="test")
 
@@ -486,3 +489,34 @@ def test_tokens_after_prompt_are_scored(tiny_setup):
     per_position = np.arange(10)[None, :] * np.ones((2, 1))
     assert_allclose(ppo.response_slice(per_position, 4), [[5, 6, 7, 8]] * 2)
     assert pathlib.Path(tiny_setup["policy_init"]).is_dir()
+
+
+def test_microbatches_give_the_same_gradient(tiny_setup):
+    # Token-weighted accumulation over 2 microbatches of unequal token counts must reproduce
+    # the gradient of the token mean over the whole minibatch.
+    policy = load_model(tiny_setup["policy_init"])
+    rng = np.random.default_rng(0)
+    prompt_length, response_length = 6, 5
+    tokens = rng.integers(3, 500, (4, prompt_length + response_length)).astype(np.int32)
+    prompt_mask = np.array([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    response_mask = np.array([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    batch = {
+        "tokens": tokens,
+        "mask": np.concatenate([prompt_mask, response_mask], axis=1).astype(bool),
+        "response_mask": response_mask.astype(bool),
+        "logp": rng.normal(-6.0, 0.1, (4, response_length)).astype(np.float32),
+        "advantages": rng.normal(0.0, 1.0, (4, response_length)).astype(np.float32),
+    }
+    settings = ppo.UpdateSettings(temperature=0.7, clip_eps=0.2, value_clip=0.2)
+    loss_fn = functools.partial(ppo._policy_loss, model_config=policy.config, settings=settings)
+    gradients = jax.jit(ppo._token_weighted_gradients, static_argnums=(0, 3))
+
+    whole_grads, whole_metrics, whole_max = gradients(loss_fn, policy.params, batch, 1)
+    split_grads, split_metrics, split_max = gradients(loss_fn, policy.params, batch, 2)
+
+    jax.tree.map(lambda x, y: assert_allclose(x, y, rtol=1e-4, atol=1e-7), whole_grads,
+                 split_grads)
+    for name, (total, count) in whole_metrics.items():
+        split_total, split_count = split_metrics[name]
+        assert_allclose(split_total / split_count, total / count, rtol=1e-5, err_msg=name)
+    assert_allclose(split_max, whole_max, rtol=1e-6)
