@@ -9,11 +9,12 @@ gradient clipping 1.0, constant learning rate 1e-6, batches of 512 prompts split
 minibatches of 64 with one gradient step each, β = 0.01 (7B, 13B) or 0.005 (34B, 70B).
 
 Variants (`--config=configs/ppo.py:<variant>[,smoke]`):
-  tiny      a self-contained CPU run. It builds a synthetic task in `<workdir>/setup`: a
-            SentencePiece tokenizer, a tiny randomly initialised policy, and helpfulness and
-            safety reward models trained on synthetic comparisons (helpful answers name
-            words of the prompt's topic, unsafe answers contain words from a banned list).
-            Then PPO raises the held-out reward with a bounded KL.
+  tiny      a self-contained CPU run on the synthetic world of `llama_rlhf.data.synthetic`.
+            `llama_rlhf.synthetic` first builds `<workdir>/setup`: a 512-piece SentencePiece
+            tokenizer, a 2-layer policy fine-tuned for 400 SFT steps on answers of mixed
+            quality, and helpfulness and safety reward models trained from that policy on
+            comparisons of its samples labelled by the world's gold scorer. Then 40 PPO
+            iterations of 64 rollouts, with evaluation on 64 held-out prompts every 4.
   7b, 13b, 34b, 70b   the paper's hyperparameters. Set `policy_init`, `tokenizer`,
             `reward_models.helpfulness`, `reward_models.safety` and the prompt files.
   smoke     an option that shrinks any variant to a few iterations (for tests).
@@ -21,9 +22,13 @@ Variants (`--config=configs/ppo.py:<variant>[,smoke]`):
 Command (tiny, from the repository root):
   python -m experiments.ppo --config=configs/ppo.py:tiny --workdir=/tmp/ppo_tiny
 
-Expected: about 10 minutes on 2 CPU cores, of which about 4 build the synthetic setup. The
-held-out gated reward rises over the iterations while the per-response KL to the reference
-stays below a few nats. Rerunning the command resumes an interrupted run.
+Expected: 258 CPU-seconds (190 user, 68 system, by /usr/bin/time), most of them building the
+setup. That run took 17 minutes of wall-clock time on 2 CPU cores shared with about 14 other
+busy processes; on 2 free cores it should take an estimated 3 to 5 minutes. The reward models
+rank 71% (helpfulness) and 62% (safety) of held-out pairs correctly. The held-out gated reward
+R_c rises from 0.50 to 0.89 (whitened: -0.16 to +0.88) while the KL to the reference stays
+below 3.5 nats per response; the gold score stays near 0.22, so the gains are partly reward
+model overoptimization. Rerunning the command resumes an interrupted run.
 
 Command (7B, on a TPU or GPU host; the paths are examples):
   python -m experiments.ppo --config=configs/ppo.py:7b --workdir=$WORKDIR \\

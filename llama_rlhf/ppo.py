@@ -16,9 +16,9 @@ One iteration of this module:
      log-probabilities of the sampled tokens under the distribution it sampled from (logits
      divided by the temperature; PPO uses no top-k or top-p filtering).
   2. Scoring. The frozen reference (the initial policy) scores the same tokens teacher-forced
-     with the same logit processing; the value model gives V(s_t) for the state before each
-     response token; the helpfulness and safety reward models score prompt + response at its
-     last real token.
+     with the same logit processing. The value model gives V(s_t) for the state before each
+     response token, and the helpfulness and safety reward models score prompt + response at
+     its last real token.
   3. Reward. R_c is the calibrated safety score σ(s) when the prompt is tagged as a safety
      prompt or σ(s) < 0.15, else the calibrated helpfulness score σ(h). The sequence reward is
      R̃_c = whiten(logit(R_c)), and the per-token reward is r_t = -β KL_t plus R̃_c at the last
@@ -26,7 +26,7 @@ One iteration of this module:
      that estimator.
   4. Advantages. GAE with γ = 1 and λ = 0.95 over the real response tokens, then advantages
      whitened over the real tokens of the whole batch.
-  5. Update. The batch is shuffled and split into minibatches; each minibatch takes one
+  5. Update. The batch is shuffled and split into minibatches. Each minibatch takes one
      gradient step of the clipped policy loss on the policy and one of the clipped value loss
      on the value model, which are separate train states with separate optimizers.
 
@@ -37,11 +37,12 @@ the reward model's held-out set, they do not drift with the policy, and β keeps
 over the run. "running" uses running statistics of logit(R_c) over all rollouts so far, saved
 in the checkpoints.
 
-Every iteration writes `ppo/` metrics and one console line, evaluation on held-out prompts
-writes `eval/` metrics and drives early stopping, and checkpoints hold both train states, the
-iteration, the running statistics and the early-stopping state, so rerunning with the same
-workdir resumes. The rollout randomness and the prompt order are functions of (seed,
-iteration), so a resumed run repeats what an uninterrupted run would do.
+Every iteration writes `ppo/` metrics and one console line. Evaluation on held-out prompts
+writes `eval/` metrics and drives early stopping, and the exported policy (`workdir/model`) is
+the one of the best evaluation. Checkpoints hold both train states, the iteration, the running
+statistics and the early-stopping state, so rerunning with the same workdir resumes. The
+rollout randomness and the prompt order are functions of (seed, iteration), so a resumed run
+repeats what an uninterrupted run would do.
 
 Known gaps: responses cut at `max_response_length` without EOS get their score at their last
 token, with no penalty for the truncation. The reference model is held in memory next to the

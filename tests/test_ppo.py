@@ -9,7 +9,6 @@ random reward models saved to a temporary folder, with the tokenizer of the synt
 import functools
 import json
 import math
-import pathlib
 
 import jax
 import numpy as np
@@ -394,12 +393,18 @@ def ppo_records(workdir):
 def test_zero_learning_rate_keeps_log_ratio_at_zero(tiny_setup, tmp_path):
     # With lr 0 the policy never changes, so every minibatch's recomputed log-probabilities must
     # equal the sampler's: any gap would come from positions, masks or logit processing.
-    config = loop_config(**{"optimizer.learning_rate": 0.0, "value_optimizer.learning_rate": 0.0})
+    # The unchanged policy never improves the held-out reward, so with patience 2 early
+    # stopping ends the run after the evaluation of iteration 2 of 4.
+    config = loop_config(**{"optimizer.learning_rate": 0.0, "value_optimizer.learning_rate": 0.0,
+                            "num_iterations": 4, "early_stopping.patience": 2})
     prompt_lengths = {len(p.encode(tiny_setup["tokenizer"])) for p in tiny_setup["train_prompts"]}
     assert len(prompt_lengths) > 2  # left padding differs between rows
 
     result = run(config, tmp_path, tiny_setup)
 
+    assert result["stopped_early"]
+    assert result["iterations"] == 2
+    assert result["best_step"] == 0
     records = ppo_records(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
@@ -484,11 +489,10 @@ def test_prompt_too_long_is_dropped(tiny_setup):
         ppo.encode_prompts(prompts[1:], tokenizer, 20, name="test")
 
 
-def test_tokens_after_prompt_are_scored(tiny_setup):
+def test_response_slice_predicts_response():
     # The outputs at P - 1 .. T - 2 belong to the response tokens P .. T - 1.
     per_position = np.arange(10)[None, :] * np.ones((2, 1))
     assert_allclose(ppo.response_slice(per_position, 4), [[5, 6, 7, 8]] * 2)
-    assert pathlib.Path(tiny_setup["policy_init"]).is_dir()
 
 
 def test_microbatches_give_the_same_gradient(tiny_setup):
