@@ -15,14 +15,15 @@ that:
   2. Selection. The best sample per prompt is kept (the argmax of the K scores). Samples that
      hit `max_new_tokens` without EOS, and empty answers, are not eligible by default, because
      fine-tuning on them would teach the model to stop mid-sentence.
-  3. Pooling (optional). Llama 2 selected only among the samples of the current iteration up
-     to RLHF V3, saw regressions, and from then on kept the best answer per prompt among the
-     samples of all earlier iterations too. With `selection.pool_previous`, the selections of
-     earlier runs (their `selected.jsonl`) join the pool and the best per prompt overall is
-     kept, over the union of their prompts and this run's. Scores of different reward-model
-     versions are not comparable, so by default (`selection.rescore_previous`) every pooled
-     answer, this run's included, is rescored from its text with this run's reward models;
-     without rescoring the stored scores are compared as they are.
+  3. Pooling (`selection.pool_previous`, on in the configs). Llama 2 selected only among the
+     samples of the current iteration up to RLHF V3, saw regressions, and from then on kept
+     the best answer per prompt among the samples of all earlier iterations too. Here the
+     selections of earlier runs (their `selected.jsonl`) join the pool and the best per
+     prompt overall is kept, over the union of their prompts and this run's. Scores of
+     different reward-model versions are not comparable, so by default
+     (`selection.rescore_previous`) every pooled answer, this run's included, is rescored
+     from its text with this run's reward models. Without rescoring the stored scores are
+     compared as they are.
   4. The selected set is written to `selected.jsonl`: one dialogue per line (the prompt's
      messages and the selected answer) with its score, reward models and iteration. The SFT
      stage reads this file as is (`sft.read_dialogues_jsonl`).
@@ -31,10 +32,16 @@ that:
      `model/`.
   6. Best-of-N curves. For N = 1..K, the expected maximum and median score among N of the K
      samples, averaged over prompts (Llama 2's Figure 7), go to `best_of_n.json` and
-     `best_of_n.png`. The gap between the two is what selection can gain.
+     `best_of_n.png`. The gap between the two is what selection can gain. The curves use all
+     samples, eligible or not.
 
 Llama 2 sampled only with its 70B model and fine-tuned the smaller models on the 70B model's
-selections; `sampling_policy` may therefore differ from the policy that is fine-tuned.
+selections, so `sampling_policy` may differ from the policy that is fine-tuned. On the
+synthetic world (the tiny config), `train_and_evaluate` also measures the samples, the
+selected answers and the policy before and after fine-tuning with the world's gold scorer.
+
+NOTE: a selected answer is stored as text and tokenized again for fine-tuning and rescoring,
+which can give other token ids than the sampled ones where the tokenizer does not round-trip.
 
 Resume: batch files are written atomically and `samples/manifest.json` records the settings
 they were drawn with (prompts, policy, reward models, sampling and selection settings), so a
