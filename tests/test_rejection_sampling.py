@@ -178,7 +178,7 @@ def test_read_selections_missing_file(tmp_path):
 # Gated scoring.
 
 
-def test_gated_score_uses_safety_model_by_the_015_rule():
+def test_gated_score_safety_threshold():
     # Raw outputs; σ(-1.6) = 0.168 >= 0.15 and σ(-1.8) = 0.142 < 0.15.
     helpfulness = [2.0, 2.0, 2.0, -0.5]
     safety = [-1.6, -1.8, 3.0, 1.0]
