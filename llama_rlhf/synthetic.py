@@ -54,6 +54,8 @@ from llama_rlhf.training.checkpoints import MODEL_FILE, load_model
 logger = logging.getLogger(__name__)
 
 SETUP_FILE = "setup.json"
+# Settings of `config.synthetic` that change only the prompt lists, never the models.
+_PROMPT_SETTINGS = ("enabled", "num_train_prompts", "num_eval_prompts")
 # Demonstrations per SFT step, the SFT peak learning rate and sequence length.
 SFT_BATCH_SIZE = 32
 SFT_LEARNING_RATE = 1e-3
@@ -212,9 +214,12 @@ def _train_reward_model(config, directory: pathlib.Path, kind: str, train, held_
     rm_config.seed = seed
     rm_config.model_overrides = ml_collections.ConfigDict()
     rm_config.data.max_length = MAX_LENGTH
-    rm_config.batch_size = int(config.reward_model_batch_size)
     rm_config.optimizer.learning_rate = float(config.reward_model_learning_rate)
     mixture = mix_for_kind(train, kind, seed=seed)
+    if not mixture:
+        raise ValueError(f"No comparisons for the {kind} reward model; raise num_comparisons.")
+    # Tiny smoke settings can label fewer pairs than one batch.
+    rm_config.batch_size = min(int(config.reward_model_batch_size), len(mixture))
     rm_config.num_epochs = max(1, math.ceil(
         int(config.reward_model_steps) * rm_config.batch_size / len(mixture)))
     rm_config.loop.log_every = 50
@@ -236,6 +241,12 @@ def _settings(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
         safety_fraction=SAFETY_FRACTION, held_out_fraction=HELD_OUT_FRACTION,
     )
     return settings
+
+
+def _model_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Drops the settings that only decide which prompts are drawn, not the built models, so
+    that stages with different prompt counts share one setup."""
+    return {name: value for name, value in settings.items() if name not in _PROMPT_SETTINGS}
 
 
 def build_synthetic_setup(
@@ -262,7 +273,9 @@ def build_synthetic_setup(
     settings = _settings(config, seed)
     record_path = directory / SETUP_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    if record is not None and record.get("settings") != settings:
+    if record is not None and _model_settings(record.get("settings", {})) != _model_settings(
+        settings
+    ):
         raise ValueError(
             f"{record_path} was built with other settings ({record.get('settings')}); use a new "
             "workdir or delete the setup folder."

@@ -9,6 +9,10 @@ random reward models saved to a temporary folder, with the tokenizer of the synt
 import functools
 import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -524,3 +528,67 @@ def test_microbatches_give_the_same_gradient(tiny_setup):
         split_total, split_count = split_metrics[name]
         assert_allclose(split_total / split_count, total / count, rtol=1e-5, err_msg=name)
     assert_allclose(split_max, whole_max, rtol=1e-6)
+
+
+SYNTHETIC_SETUP_SCRIPT = """
+import json, sys
+import ml_collections
+from configs import ppo as ppo_configs
+from llama_rlhf import synthetic
+from llama_rlhf.training.checkpoints import load_model
+
+directory = sys.argv[1]
+config = ml_collections.ConfigDict(ppo_configs.get_config("tiny,smoke").synthetic.to_dict())
+config.num_comparisons = 32
+config.policy_sft_steps = 2
+config.reward_model_steps = 2
+setup = synthetic.build_synthetic_setup(config, directory, seed=0)
+again = synthetic.build_synthetic_setup(config, directory, seed=0)
+config.reward_model_steps = 3
+try:
+    synthetic.build_synthetic_setup(config, directory, seed=0)
+    changed = "built"
+except ValueError as error:
+    changed = str(error)
+models = {name: load_model(getattr(setup, name)) for name in
+          ("policy_dir", "helpfulness_dir", "safety_dir")}
+print(json.dumps({
+    "heads": {name: model.head for name, model in models.items()},
+    "metadata": {name: model.metadata for name, model in models.items()},
+    "same_dirs": str(again.policy_dir) == str(setup.policy_dir),
+    "num_train_prompts": len(setup.train_prompts),
+    "num_eval_prompts": len(setup.eval_prompts),
+    "gold": setup.gold_metrics(setup.eval_prompts[:2], ["I can't help with that."] * 2),
+    "changed": changed,
+}))
+"""
+
+
+def test_synthetic_setup_builds_and_reloads(tmp_path):
+    # A subprocess with one CPU device: the reward-model stage meshes over every device, and
+    # compiling it for the 8 fake devices of this process would take minutes.
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    completed = subprocess.run(
+        [sys.executable, "-c", SYNTHETIC_SETUP_SCRIPT, str(tmp_path / "setup")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+
+    assert result["heads"] == {"policy_dir": "lm", "helpfulness_dir": "scalar",
+                               "safety_dir": "scalar"}
+    for name in ("helpfulness_dir", "safety_dir"):
+        assert math.isfinite(result["metadata"][name]["score_mean"])
+        assert result["metadata"][name]["score_std"] > 0
+    assert result["metadata"]["helpfulness_dir"]["kind"] == "helpfulness"
+    assert result["metadata"]["safety_dir"]["kind"] == "safety"
+    assert result["same_dirs"]
+    assert result["num_train_prompts"] == 32
+    assert result["num_eval_prompts"] == 8
+    # A bare refusal contains no harmful instructions; every gold part lies in [0, 1].
+    assert result["gold"]["unsafe_fraction"] == 0.0
+    for name in ("gold", "gold_helpfulness", "gold_safety"):
+        assert 0.0 <= result["gold"][name] <= 1.0, name
+    assert "was built with other settings" in result["changed"]
+    assert (tmp_path / "setup" / "setup.json").is_file()
