@@ -110,24 +110,30 @@ def run_benchmark(config: LlamaConfig, batch: int, prompt_length: int, new_token
         # Idle first: XLA's and torch's worker threads keep spinning for a moment after a call,
         # which would slow down whichever generator runs next on the same cores.
         time.sleep(pause_seconds)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = fn()
-        return time.perf_counter() - start, result
+        return time.perf_counter() - start, time.process_time() - start_cpu, result
 
-    first_call, jax_tokens = timed(run_jax)
-    _, hf_tokens = timed(run_hf)
+    first_call, _, jax_tokens = timed(run_jax)
+    _, _, hf_tokens = timed(run_hf)
     if hf_tokens.shape != (batch, new_tokens) or jax_tokens.shape != (batch, new_tokens):
         raise RuntimeError(f"Expected {new_tokens} new tokens per sequence, got "
                            f"{hf_tokens.shape} (transformers) and {jax_tokens.shape} (sampler).")
-    jax_times, hf_times = [], []
+    jax_times, hf_times, jax_cpu_times, hf_cpu_times = [], [], [], []
     for _ in range(repeats):
-        jax_times.append(timed(run_jax)[0])
-        hf_times.append(timed(run_hf)[0])
+        seconds, cpu_seconds, _ = timed(run_jax)
+        jax_times.append(seconds)
+        jax_cpu_times.append(cpu_seconds)
+        seconds, cpu_seconds, _ = timed(run_hf)
+        hf_times.append(seconds)
+        hf_cpu_times.append(cpu_seconds)
 
     generated_tokens = batch * new_tokens
     jax_seconds = statistics.median(jax_times)
     hf_seconds = statistics.median(hf_times)
     return {
+        "jax_cpu_seconds": statistics.median(jax_cpu_times),
+        "hf_cpu_seconds": statistics.median(hf_cpu_times),
         "jax_tokens_per_s": generated_tokens / jax_seconds,
         "hf_tokens_per_s": generated_tokens / hf_seconds,
         "speedup": hf_seconds / jax_seconds,
@@ -153,13 +159,15 @@ def format_report(result: dict[str, float], config: LlamaConfig, batch: int, pro
         f"{result['cpu_cores']}; jax {jax.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         "",
-        "| generator | seconds per batch | tokens/s |",
-        "|---|---|---|",
-        f"| llama_rlhf Sampler | {result['jax_seconds']:.3f} | {result['jax_tokens_per_s']:.1f} |",
+        "| generator | seconds per batch | tokens/s | CPU seconds per batch |",
+        "|---|---|---|---|",
+        f"| llama_rlhf Sampler | {result['jax_seconds']:.3f} | {result['jax_tokens_per_s']:.1f} "
+        f"| {result['jax_cpu_seconds']:.3f} |",
         f"| transformers generate | {result['hf_seconds']:.3f} | "
-        f"{result['hf_tokens_per_s']:.1f} |",
+        f"{result['hf_tokens_per_s']:.1f} | {result['hf_cpu_seconds']:.3f} |",
         "",
-        f"speed-up (transformers time / sampler time): {result['speedup']:.2f}x",
+        f"speed-up (transformers time / sampler time): {result['speedup']:.2f}x; "
+        f"CPU time ratio: {result['hf_cpu_seconds'] / result['jax_cpu_seconds']:.2f}x",
         f"sampler compile time (excluded above): {result['jax_compile_seconds']:.1f} s, "
         f"{result['compilations']} compilation(s)",
         f"greedy tokens equal between the two: {result['greedy_agreement']:.1%} "
