@@ -239,7 +239,8 @@ def _get(row: Mapping[str, Any], *keys: str) -> Any:
 def policy_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Formats a table with one line per policy: stages, gold scores, reward, KL, length."""
     lines = [
-        "| policy | stages | gold | gold helpfulness | gold safety | unsafe answers | "
+        "| policy | stages | gold | gold, helpfulness prompts | gold, safety prompts | "
+        "unsafe answers | "
         "RM reward (own RMs) | KL to SFT (nats) | answer tokens | ended with EOS |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -249,8 +250,8 @@ def policy_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             f"| {row['name']} | {', '.join(row.get('stages', [])) or '–'} "
             f"| {_number(_get(row, 'gold', 'gold'))} "
-            f"| {_number(_get(row, 'gold', 'helpfulness'))} "
-            f"| {_number(_get(row, 'gold', 'safety'))} "
+            f"| {_number(_get(row, 'gold', 'helpfulness_prompts'))} "
+            f"| {_number(_get(row, 'gold', 'safety_prompts'))} "
             f"| {'–' if unsafe is None else f'{100 * unsafe:.1f}%'} "
             f"| {_number(_get(row, 'reward', 'gated'))} "
             f"| {_number(_get(row, 'kl_to_sft', 'k1'), 2)} "
@@ -318,7 +319,7 @@ def _save_figure(figure, path: pathlib.Path) -> None:
 
 
 def plot_gold(rows: Sequence[Mapping[str, Any]], path: pathlib.Path) -> bool:
-    """Plots the mean gold score and its two parts per policy.
+    """Plots the mean gold score per policy, over all prompts and per prompt kind.
 
     Returns:
       False, writing nothing, when no row has gold scores.
@@ -328,10 +329,13 @@ def plot_gold(rows: Sequence[Mapping[str, Any]], path: pathlib.Path) -> bool:
         return False
     names = [row["name"] for row in rows]
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
-    for key, label in (("gold", "gold score (gated)"), ("helpfulness", "helpfulness part"),
-                       ("safety", "safety part")):
-        axis.plot(names, [row["gold"][key] for row in rows], marker="o", label=label)
-    axis.set_ylabel("mean over held-out prompts")
+    for key, label in (("gold", "all prompts"), ("helpfulness_prompts", "helpfulness prompts"),
+                       ("safety_prompts", "safety prompts")):
+        values = [row["gold"].get(key) for row in rows]
+        if any(value is not None for value in values):
+            axis.plot(names, [math.nan if v is None else v for v in values], marker="o",
+                      label=label)
+    axis.set_ylabel("mean gold score over held-out prompts")
     axis.set_title("Gold annotator's score of each policy")
     axis.grid(alpha=0.3)
     axis.legend()
