@@ -15,6 +15,10 @@ Full size (a 6-layer, 512-wide model, batch 16, prompt 64, 128 new tokens):
 A smoke run with a tiny model takes a few seconds:
 
   python -m experiments.benchmark_sampling --small
+
+On a machine shared with other jobs, torch's OpenMP threads spin while they wait and lose much
+of their speed when the cores are oversubscribed. `OMP_WAIT_POLICY=PASSIVE` makes them sleep
+instead, the fairer setting there. Results and their conditions are recorded in BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Batched autoregressive sampling from a Llama policy with a KV cache, and the matching scorer.
 
-`Sampler.generate` takes left-padded prompts and runs the whole decode loop on the device: one
-prefill forward writes the prompt into a `KVCache`, then a `jax.lax.while_loop` feeds one token
+`Sampler.generate` takes left-padded prompts and runs the whole decode loop on the device. One
+prefill forward writes the prompt into a `KVCache`. Then a `jax.lax.while_loop` feeds one token
 at a time until every sequence has produced a stop token or `max_new_tokens` tokens. It
 supports greedy decoding, temperature, top-k and top-p (nucleus) sampling, several samples per
 prompt, and returns the log-probability of every sampled token.
@@ -233,7 +233,9 @@ def sequence_logprobs(model_config: LlamaConfig, params, tokens: jax.Array, mask
     Returns:
       logprobs [B, T] where entry t is log p(tokens[t] | tokens[<t]) for every real token whose
       predecessor is real, and 0 elsewhere (the first real token, padding). A token that the
-      filters exclude scores -inf. With return_plain, a pair (logprobs, plain_logprobs).
+      filters exclude scores -inf. With top-k or top-p, a token sampled under older parameters
+      can fall outside the set that newer parameters allow. With return_plain, a pair
+      (logprobs, plain_logprobs).
     """
     mask = mask.astype(bool)
     logits, _ = Llama(model_config, head="lm").apply({"params": params}, tokens, mask=mask)
@@ -399,7 +401,9 @@ class Sampler:
         self.model_config = model_config
         self.sampling = sampling
         self.eos_id = eos_id
-        self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        if pad_id is None:
+            pad_id = 0 if eos_id is None else eos_id
+        self.pad_id = pad_id
         self.mesh = mesh
         self.prompt_buckets = tuple(prompt_buckets)
         self.new_token_buckets = tuple(new_token_buckets)
@@ -473,8 +477,7 @@ class Sampler:
                 result = _generate_padded(params, padded_tokens, padded_mask, rng,
                                           np.int32(max_new), **static)
         if _generate_padded._cache_size() > cache_size:
-            # The call returns once the program is compiled and dispatched, so its time is
-            # mostly compilation.
+            # The time includes the compilation and, unless dispatch is asynchronous, the run.
             self._num_compilations += 1
             logger.info(
                 "Compiled the sampler for batch %d, prompt bucket %d, new-token bucket %d in "
@@ -573,7 +576,7 @@ class Sampler:
 def _generate_padded(params, tokens, mask, rng, max_new_tokens, *, model_config: LlamaConfig,
                      sampling: SamplingConfig, stop_ids: tuple[int, ...], pad_id: int,
                      new_bucket: int):
-    """The compiled body of `Sampler.generate`: prefill, then the decode loop, on padded shapes.
+    """Runs the compiled body of `Sampler.generate` (prefill, then decode) on padded shapes.
 
     Returns:
       (tokens, logprobs, plain_logprobs or None, response_mask), each [rows, new_bucket] with

@@ -225,8 +225,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm transformer block; the scan body over layers.
 
-    The scan carry is (x [B, T, D], cache), where cache is None or the (keys, values) of all
-    layers; the scanned input is the layer's index into the cache.
+    The scan carry is (x [B, T, D], cache). The cache is None or the (keys, values) of all
+    layers, and the scanned input is the layer's index into it.
     """
 
     config: LlamaConfig
