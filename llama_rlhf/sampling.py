@@ -26,8 +26,8 @@ compilation is logged and counted in `Sampler.num_compilations`. Every batch siz
 compiles separately.
 
 Randomness: the key of the token drawn at step i for output row r is
-`fold_in(fold_in(rng, i), r)`, so samples depend only on the seed, the step and the row, not on
-the batch padding or the device mesh.
+`fold_in(fold_in(rng, i), r)`. A row's samples therefore depend on the seed, its prompt and its
+row index, but not on the batch padding or the device mesh.
 """
 
 from __future__ import annotations
