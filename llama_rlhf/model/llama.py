@@ -313,7 +313,12 @@ class Llama(nn.Module):
             (shd.VOCAB, shd.EMBED),
             pdtype,
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+        # Gather from a table whose embedding axis is whole: a lookup into a table that is
+        # split over `fsdp` along D, with tokens split over `fsdp` along B, would make XLA
+        # replicate the result ("involuntary full rematerialization").
+        table = shd.constrain(embedding, (shd.VOCAB, None))
+        x = jnp.take(table, tokens, axis=0).astype(dtype)
+        x = shd.constrain(x, (shd.BATCH, shd.LENGTH, shd.ACT_EMBED))
 
         block = Block
         if cfg.remat_policy != "none":
