@@ -72,7 +72,7 @@ class TfidfPreferenceModel:
         *,
         ngram_range: tuple[int, int] = (1, 2),
         min_df: int = 2,
-        c_grid: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+        c_grid: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
         folds: int = 5,
     ):
         self.vectorizer = TfidfVectorizer(ngram_range=ngram_range, min_df=min_df,

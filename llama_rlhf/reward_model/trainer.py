@@ -129,7 +129,7 @@ def build_train_step(model_config: LlamaConfig, margin_table: str, *, mesh, stat
 
 
 def _packed_length(lengths: np.ndarray, max_length: int) -> int:
-    """The batch length: the longest sequence rounded up to LENGTH_MULTIPLE, at most max_length."""
+    """Returns the longest sequence rounded up to LENGTH_MULTIPLE, at most max_length."""
     longest = int(lengths.max()) if lengths.size else 1
     return min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max_length)
 
@@ -192,8 +192,8 @@ def load_comparisons(data_config: ml_collections.ConfigDict) -> list[Comparison]
 def make_scorer(model_config: LlamaConfig, *, mesh, param_shardings, batch_size: int):
     """Returns (params, packed arrays) -> (chosen scores [N], rejected scores [N]) on the host.
 
-    The arrays are scored in batches of `batch_size` pairs; the last batch is filled up with
-    copies of its first pair, whose scores are dropped, so every batch has one shape.
+    The arrays are scored in batches of `batch_size` pairs. The last batch is filled up with
+    copies of its first pair, whose scores are dropped, so that every batch has one shape.
     """
     step = make_eval_step(
         lambda params, batch: score_pairs(model_config, params, batch["tokens"], batch["mask"]),
@@ -451,11 +451,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        ) -> dict[str, Any]:
     """Runs the reward-model stage of a config from `configs/reward_model.py`.
 
-    Steps: save the config; load the tokenizer and comparisons; hold out
-    `data.eval_fraction` of them at random (or read `data.eval_path`); mix the rest for the
-    model's kind (`mixing.mix_for_kind`) when `data.mix` is set; train, evaluate and export
-    with `train_on_comparisons`; with `baselines` set, measure the length and TF-IDF baselines
-    on the same split and write the comparison table to `workdir/comparison.md`.
+    Steps:
+      1. Save the config, load the tokenizer and the comparisons.
+      2. Hold out `data.eval_fraction` of them at random, or read `data.eval_path`.
+      3. Mix the rest for the model's kind (`mixing.mix_for_kind`) when `data.mix` is set.
+      4. Train, evaluate and export with `train_on_comparisons`.
+      5. With `baselines` set, measure the length and TF-IDF baselines on the same split and
+         write the comparison table to `workdir/comparison.md`.
 
     Returns:
       The dict of `train_on_comparisons`, plus "baselines" (method -> metrics) and
