@@ -16,8 +16,8 @@ Variants (`--config=configs/reward_model.py:<variant>[,smoke]`):
             data folder, the Llama 2 tokenizer, the randomly initialised `tiny` model.
   hh_tiny   the real-data run: all 2,000 shared HH-RLHF harmless-base pairs (1,988 are
             well-formed), 10% held out with a fixed seed, the Llama 2 tokenizer, a small
-            randomly initialised model (no chat checkpoint exists at this size), two
-            epochs; the length and TF-IDF baselines are measured on the same split.
+            randomly initialised model (no chat checkpoint exists at this size) and two
+            epochs. The length and TF-IDF baselines are measured on the same split.
   hh_tiny_sft   hh_tiny starting from the `configs/sft.py:tiny` export instead of random
             weights (set `init_from`), as Llama 2 starts from its chat model. That SFT run
             holds out the same 199 dialogues, so it never saw the held-out answers.
