@@ -153,6 +153,9 @@ def _base_config() -> ml_collections.ConfigDict:
     config.comparisons.batch_size = 128
     # Share of each version's new comparisons held out to evaluate its reward models.
     config.comparisons.eval_fraction = 0.1
+    # With a file annotator: use only the first this many comparisons of each version's
+    # share of the pool (0: all).
+    config.comparisons.max_per_version = 0
 
     config.evaluation = ml_collections.ConfigDict()
     config.evaluation.temperature = 1.0
@@ -388,6 +391,7 @@ def _smoke(config: ml_collections.ConfigDict) -> None:
     config.comparisons.max_new_tokens = new_tokens
     config.comparisons.batch_size = batch
     config.comparisons.eval_fraction = 0.25
+    config.comparisons.max_per_version = 48
     config.evaluation.temperature = 1.0
     config.evaluation.max_new_tokens = new_tokens
     config.evaluation.batch_size = batch

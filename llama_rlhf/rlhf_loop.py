@@ -293,6 +293,8 @@ def file_version_comparisons(annotator: annotators.FileAnnotator, config: ml_col
     known before the loop starts.
     """
     batch = annotator.batch_for_version(version - 1, int(config.num_versions))
+    if config.comparisons.max_per_version:
+        batch = batch[: int(config.comparisons.max_per_version)]
     return split_held_out(batch, float(config.comparisons.eval_fraction),
                           seed=int(config.seed) + version)
 
@@ -584,7 +586,9 @@ class RLHFLoop:
                     seed=int(self.config.seed) + version)
             else:
                 train, held_out = file_version_comparisons(annotator, self.config, version)
-                summary = annotator.annotate(version - 1, self.num_versions)[1]
+                summary = annotators.LabelingSummary(num_pairs=len(train) + len(held_out))
+                for comparison in train + held_out:
+                    summary.count(comparison)
             if not held_out:
                 raise ValueError(f"Version {version} has no held-out comparison; raise "
                                  "prompts.comparisons or comparisons.eval_fraction.")
