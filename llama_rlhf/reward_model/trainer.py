@@ -309,10 +309,8 @@ def train_on_comparisons(
     mesh = shd.create_mesh(dict(config.mesh))
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
-    loaded = checkpoints.load_initial_params(
-        init_from, head="scalar", rng=init_rng, mesh=mesh,
-        model_config_overrides=dict(config.model_overrides) or None)
-    model_config = loaded.config
+    overrides = dict(config.model_overrides) or None
+    model_config = checkpoints.initial_model_config(init_from, model_config_overrides=overrides)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model from "
                          f"{init_from} embeds only {model_config.vocab_size}.")
@@ -327,6 +325,9 @@ def train_on_comparisons(
                                   batch_size=int(config.batch_size), schedule=schedule)
 
     def init_state():
+        # Called only without a checkpoint to resume, so a resume never loads these weights.
+        loaded = checkpoints.load_initial_params(init_from, head="scalar", rng=init_rng,
+                                                 mesh=mesh, model_config_overrides=overrides)
         state, _ = create_train_state(model_config, "scalar", tx, mesh, init_rng,
                                       params=loaded.params)
         return state
