@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -24,6 +25,15 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from llama_rlhf.model import LlamaConfig, get_variant, init_params, param_shapes, param_shardings
 from llama_rlhf.model.hf_checkpoint import config_from_hf, load_hf_checkpoint
 from llama_rlhf.model.llama2c_checkpoint import load_llama2c_checkpoint
+
+
+def _drop_orbax_info(record: logging.LogRecord) -> bool:
+    """Keeps orbax's warnings and errors but not its dozens of INFO lines per save."""
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+# orbax logs through absl's logger, which the training log shares.
+logging.getLogger("absl").addFilter(_drop_orbax_info)
 
 MODEL_FILE = "model.json"
 PARAMS_DIR = "params"
