@@ -33,8 +33,8 @@ Choices the paper does not fix, and what they are here:
     SFT is an estimate of KL(π_version ‖ π_SFT) of the tempered distributions.
 
 Variants (`--config=configs/rlhf.py:<variant>[,smoke]`):
-  tiny      offline on a fresh machine: the synthetic world of llama_rlhf/data/synthetic.py,
-            its SentencePiece tokenizer, a tiny Llama fine-tuned on the world's
+  tiny      offline on a fresh machine: the synthetic world of llama_rlhf/data/synthetic.py
+            (4 animals), its SentencePiece tokenizer, a tiny Llama fine-tuned on the world's
             demonstrations of mixed quality, and the simulated annotator (the world's gold
             scorer). 3 versions, Ghost Attention from V2, PPO from V3.
   hh_rlhf   real human comparisons: the HH-RLHF harmless-base pairs of the shared data folder,
@@ -47,11 +47,14 @@ Commands (from the repository root):
   python -m experiments.rlhf --config=configs/rlhf.py:tiny --workdir=/tmp/rlhf_tiny
   python -m experiments.rlhf --config=configs/rlhf.py:hh_rlhf --workdir=/tmp/rlhf_hh
 
-Expected (tiny): at most 15 minutes on 2 CPU cores from nothing (measured: see README.md). The
-gold score of the evaluation answers rises from SFT to V3, and V3 beats SFT by the reward
-models' and the gold annotator's judgement. `<workdir>/report.md` holds the tables and plots;
-the end of the log prints a one-screen summary. Rerunning a command continues where it stopped
-and never redoes a finished stage.
+Expected (tiny), as measured on a 2-core machine shared with other jobs: the mean gold score of
+the answers to 256 held-out prompts rises from 0.515 (SFT) to 0.595, 0.637 and 0.667 (V1 to V3),
+and V3 beats SFT with win rates of 77.6% by the reward models and 68.4% by the gold annotator.
+The run used 358 s of CPU time (user + system) and took 21 minutes of wall-clock time at a load
+average of 7 to 11; on an idle 2-core machine it should take well under 15 minutes (an
+estimate from the CPU time). `<workdir>/report.md` contains the tables and plots, and the end of
+the log prints a one-screen summary. Rerunning a command continues where it stopped and never
+redoes a finished stage.
 """
 
 from __future__ import annotations

@@ -398,7 +398,7 @@ def _run_batches(directory: pathlib.Path, num_items: int, batch_size: int,
         if path.is_file():
             record = json.loads(path.read_text())
             if record.get("items") != items:
-                raise ValueError(f"{path} holds other items than batch {index}; delete "
+                raise ValueError(f"{path} contains other items than batch {index}; delete "
                                  f"{directory} to sample again.")
             results += record["results"]
             continue
@@ -448,11 +448,11 @@ class RLHFLoop:
         return int(self.config.num_versions)
 
     def version_stages(self, version: int) -> list[str]:
-        """The stages of a version (1-based), without the version prefix, in order."""
+        """Returns the stages of a version (1-based), without the version prefix, in order."""
         return version_stages(self.config, version)
 
     def stage_names(self) -> list[str]:
-        """Every stage of the loop, in the order `run` calls them."""
+        """Returns every stage of the loop, in the order `run` calls them."""
         return stage_names(self.config)
 
     def _require(self, stage: str) -> dict[str, Any]:
@@ -515,7 +515,7 @@ class RLHFLoop:
     # --- Models. ---
 
     def _sampler(self, temperature: float, max_new_tokens: int) -> sampling_lib.Sampler:
-        """A sampler of the policy shape; parameters are passed per call."""
+        """Returns a sampler of the policy shape; parameters are passed per call."""
         key = (float(temperature), int(max_new_tokens))
         if key not in self._samplers:
             model_config = initial_model_config(self.policy_dir(0))
@@ -927,7 +927,7 @@ class RLHFLoop:
         return self.evaluate(version)
 
     def rows(self) -> list[dict[str, Any]]:
-        """The metrics of every evaluated policy, SFT first."""
+        """Returns the metrics of every evaluated policy, SFT first."""
         rows = []
         for version in range(self.num_versions + 1):
             stage = "sft/eval" if version == 0 else f"v{version}/eval"
@@ -937,7 +937,7 @@ class RLHFLoop:
         return rows
 
     def stage_seconds(self) -> dict[str, float]:
-        """Wall-clock seconds of each finished stage, from the DONE records."""
+        """Returns the wall-clock seconds of each finished stage, from the DONE records."""
         seconds = {}
         for stage in self.stage_names():
             record = self.runner.done_record(stage)
@@ -987,7 +987,7 @@ class RLHFLoop:
 
 
 def version_stages(config: ml_collections.ConfigDict, version: int) -> list[str]:
-    """The stages of a version (1-based) of a loop config, without the version prefix."""
+    """Returns the stages of a version (1-based) of a loop config, without the prefix."""
     stages = ["comparisons", *(f"reward_{kind}" for kind in KINDS), "rejection_sampling"]
     if config.ppo_from_version and version >= int(config.ppo_from_version):
         stages.append("ppo")
@@ -998,7 +998,7 @@ def version_stages(config: ml_collections.ConfigDict, version: int) -> list[str]
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
-    """Every stage of a loop config, in the order `RLHFLoop.run` calls them."""
+    """Returns every stage of a loop config, in the order `RLHFLoop.run` calls them."""
     names = ["sft/train", "sft/eval"]
     for version in range(1, int(config.num_versions) + 1):
         names += [f"v{version}/{stage}" for stage in version_stages(config, version)]

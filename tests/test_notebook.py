@@ -1,8 +1,8 @@
 """Runs notebooks/quickstart.ipynb from top to bottom, so that it cannot fall behind the code.
 
 The kernel is this interpreter's python3 kernel, started from the repository root with one CPU
-device (the test process has 8 fake ones) and the session's JAX compilation cache, so that it
-loads the programs that other runs of the smoke config compiled.
+device, because the test process has 8 fake ones. It uses the session's JAX compilation cache,
+so it loads the programs that other runs of the smoke config compiled.
 """
 
 import os

@@ -2,9 +2,9 @@
 
 The win-rate, KL and report tests use hand-made inputs whose expected values are stated in the
 comments or computed by plain numpy loops kept here. The run tests start
-`python -m experiments.rlhf` in a subprocess with one CPU device (the test process has 8 fake
-ones, and compiling the stages for 8 devices takes minutes), on the `smoke` option of the
-configs, with one JAX compilation cache for the whole session.
+`python -m experiments.rlhf` on the `smoke` option of the configs in a subprocess with one CPU
+device, because the test process has 8 fake ones and compiling the stages for 8 devices takes
+minutes. One JAX compilation cache serves every run of the session.
 """
 
 import json
@@ -164,10 +164,12 @@ def test_config_variants():
     assert (tiny.num_versions, tiny.ppo_from_version, tiny.ghost_attention_from_version) == (
         3, 3, 2)
     hh = rlhf_configs.get_config("hh_rlhf")
-    assert not hh.synthetic.enabled and hh.annotator.kind == "file"
+    assert not hh.synthetic.enabled
+    assert hh.annotator.kind == "file"
     assert hh.annotator.path.endswith("harmless-base-2000.jsonl.gz")
     smoke = rlhf_configs.get_config("tiny,smoke")
-    assert smoke.num_versions == 2 and smoke.sft.num_steps < tiny.sft.num_steps
+    assert smoke.num_versions == 2
+    assert smoke.sft.num_steps < tiny.sft.num_steps
     with pytest.raises(ValueError, match="Unknown RLHF loop variant"):
         rlhf_configs.get_config("7b")
     with pytest.raises(ValueError, match="only option is 'smoke'"):
@@ -185,7 +187,8 @@ def test_stage_names_follow_config(tmp_path):
     assert loop.version_stages(3)[-3:] == ["ppo", "ghost_attention", "eval"]
     names = loop.stage_names()
     assert names[:3] == ["sft/train", "sft/eval", "v1/comparisons"]
-    assert names[-1] == "v3/eval" and len(names) == 2 + 5 + 6 + 7
+    assert names[-1] == "v3/eval"
+    assert len(names) == 2 + 5 + 6 + 7
     with pytest.raises(RuntimeError, match="Stage sft/train has not finished"):
         loop.policy_dir(0)
     with pytest.raises(RuntimeError, match="Stage v1/rejection_sampling has not finished"):
@@ -258,7 +261,7 @@ def test_batches_resume_where_they_stopped(tmp_path):
     results = rlhf_loop._run_batches(tmp_path, 7, 3, sample)
     assert calls == [0, 1, 2, 2]
     assert [r["item"] for r in results] == list(range(7))
-    with pytest.raises(ValueError, match="holds other items than batch 0"):
+    with pytest.raises(ValueError, match="contains other items than batch 0"):
         rlhf_loop._run_batches(tmp_path, 7, 2, sample)
 
 
@@ -351,7 +354,8 @@ def test_hh_rlhf_one_version(tmp_path, compilation_cache, shared):
     summary = json.loads((workdir / "summary.json").read_text())
     sft_row, v1 = summary["rows"]
     # No gold annotator exists for human comparisons: only the reward models judge.
-    assert sft_row["gold"] is None and v1["gold"] is None
+    assert sft_row["gold"] is None
+    assert v1["gold"] is None
     assert set(v1["win_rates"]["sft"]) == {"reward_model"}
     assert v1["stages"] == ["rejection_sampling", "ppo"]
     held_out = v1["reward_models"]["safety"]
@@ -360,4 +364,5 @@ def test_hh_rlhf_one_version(tmp_path, compilation_cache, shared):
     comparisons = read_comparisons_jsonl(workdir / "v1" / "comparisons" / "train.jsonl")
     assert comparisons and all(c.source.startswith("hh-rlhf") for c in comparisons)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    assert config.annotator.kind == "file" and config.num_versions == 1
+    assert config.annotator.kind == "file"
+    assert config.num_versions == 1
