@@ -50,11 +50,10 @@ Commands (from the repository root):
 Expected (tiny), as measured on a 2-core machine shared with other jobs: the mean gold score of
 the answers to 256 held-out prompts rises from 0.515 (SFT) to 0.595, 0.637 and 0.667 (V1 to V3),
 and V3 beats SFT with win rates of 77.6% by the reward models and 68.4% by the gold annotator.
-The run used 358 s of CPU time (user + system) and took 21 minutes of wall-clock time at a load
-average of 7 to 11; on an idle 2-core machine it should take well under 15 minutes (an
-estimate from the CPU time). `<workdir>/report.md` contains the tables and plots, and the end of
-the log prints a one-screen summary. Rerunning a command continues where it stopped and never
-redoes a finished stage.
+The run used 358 s of CPU time (user + system) and took 9 min 23 s of wall-clock time from an
+empty workdir while other jobs kept the load average at 4 to 6 (two runs gave the same numbers).
+`<workdir>/report.md` contains the tables and plots, and the end of the log prints a one-screen
+summary. Rerunning a command continues where it stopped and never redoes a finished stage.
 """
 
 from __future__ import annotations
