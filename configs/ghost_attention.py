@@ -22,9 +22,9 @@ Choices the paper does not fix, and what they are here:
 Variants (`--config=configs/ghost_attention.py:<variant>[,smoke]`):
   tiny      a self-contained CPU run on the synthetic world (llama_rlhf/data/synthetic.py):
             a 768-piece tokenizer, then a base policy (the `tiny` Llama shape) fine-tuned on
-            dialogues in which an instruction governs only its own turn, then GAtt on 384
-            dialogues of 2 to 12 turns, and an evaluation on 160 dialogues of 2 to 20 turns
-            before and after.
+            4,000 dialogues in which an instruction governs only its own turn, then GAtt on
+            256 dialogues of 2 to 20 turns, and an evaluation on 100 dialogues of 2 to 20
+            turns before and after.
   7b, 13b, 70b   the paper's setting. Set `policy_init` (the latest RLHF model), `tokenizer`,
             `data.dialogues` and `evaluation.dialogues` (dialogue JSONL as for
             configs/sft.py; only the user messages are used).
@@ -34,11 +34,14 @@ Command (tiny, from the repository root):
   python -m experiments.ghost_attention --config=configs/ghost_attention.py:tiny \\
     --workdir=/tmp/gatt_tiny
 
-Expected: about 25 minutes on 2 CPU cores. Before GAtt the base policy follows the instruction
-in the first turn and almost never later; after GAtt most answers at every turn follow it.
-`<workdir>/report.md` holds the per-turn table, `following_by_turn.png` the plot,
-`gatt_data.jsonl` the training dialogues and `model/` the new policy. Rerunning the command
-resumes an interrupted run.
+Expected: 17 minutes on 2 CPU cores shared with other jobs (load average about 4), and about
+50 minutes under a load average of 15. Measured result: the base policy follows the
+instruction in 78% of first turns and in 0.0% of answers at turns >= 4; after GAtt, 83% of
+first turns and 63.9% of answers at turns >= 4, with 50% to 78% at every turn up to 20. The
+2-layer model does not tell "friend" from "goodbye" as a last word, so after GAtt it ends
+every such answer with "goodbye". `<workdir>/report.md` contains the per-turn table,
+`following_by_turn.png` the plot, `gatt_data.jsonl` the training dialogues and `model/` the
+new policy. Rerunning the command resumes an interrupted run.
 
 Command (70B, on a TPU or GPU host; the paths are examples):
   python -m experiments.ghost_attention --config=configs/ghost_attention.py:70b \\
@@ -149,7 +152,7 @@ def _base_config() -> ml_collections.ConfigDict:
     config.synthetic.vocab_size = 768
     config.synthetic.num_gatt_dialogues = 256
     config.synthetic.gatt_min_turns = 2
-    config.synthetic.gatt_max_turns = 10
+    config.synthetic.gatt_max_turns = 20
     config.synthetic.gatt_seed = 2
     return config
 
@@ -183,7 +186,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     config.sampling.temperature = 0.7
     config.sampling.top_p = 1.0
     config.sampling.max_new_tokens = 48
-    config.sampling.max_prompt_length = 512
+    config.sampling.max_prompt_length = 768
     config.sampling.batch_size = 64
 
     config.evaluation.num_dialogues = 100
@@ -205,7 +208,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
         "dtype": "float32", "vocab_size": config.synthetic.vocab_size, "max_seq_len": 2048})
     base.data.hh_rlhf_path = ""
     base.data.eval_fraction = 0.0
-    # 20 turns with instructions fit in 640 tokens.
+    # About 96% of these dialogues fit in 640 tokens; the SFT stage cuts the longer ones.
     base.data.max_length = 640
     base.batch_size = 8
     base.num_epochs = 0
@@ -222,9 +225,9 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
     finetune.model_overrides = ml_collections.ConfigDict()
     finetune.data.hh_rlhf_path = ""
     finetune.data.eval_fraction = 0.0
-    # GAtt dialogues of up to 10 turns with the instruction in the first turn fit in 448
-    # tokens, except a few with long capital-letter answers, whose examples are dropped.
-    finetune.data.max_length = 448
+    # Nearly all GAtt examples fit; the few longer ones (long capital-letter answers) are
+    # dropped.
+    finetune.data.max_length = 640
     finetune.batch_size = 16
     finetune.num_epochs = 1
     finetune.optimizer.learning_rate = 1e-3

@@ -93,10 +93,15 @@ EVAL_BEFORE_FILE = "eval_before.json"
 EVAL_AFTER_FILE = "eval_after.json"
 REPORT_FILE = "report.md"
 PLOT_FILE = "following_by_turn.png"
-# Raised when the fields of the evaluation files change, so that older files are recomputed.
+# Incremented whenever the fields of the evaluation files change, so older files are recomputed.
 EVAL_FORMAT_VERSION = 2
 
 EXAMPLE_MODES = ("last", "every_turn")
+# Separate random streams, mixed with the seed, for the training instructions, the evaluation
+# instructions and the base policy's dialogues.
+_STREAM_TRAINING = 7
+_STREAM_EVALUATION = 11
+_STREAM_BASE_POLICY = 13
 PLACEMENTS = ("first_user", "system")
 
 
@@ -811,10 +816,10 @@ def build_gatt_data(
     if max_turns:
         user_turns = [turns[:max_turns] for turns in user_turns]
     if not user_turns:
-        raise ValueError("GAtt needs at least one dialogue; the dialogue list is empty")
+        raise ValueError("no dialogues given; GAtt needs at least one")
 
     # The instructions and their training form are a function of the seed alone.
-    rng = np.random.default_rng([int(config.seed), 7])
+    rng = np.random.default_rng([int(config.seed), _STREAM_TRAINING])
     instructions, training_texts = [], []
     for _ in user_turns:
         instruction = space.draw(rng)
@@ -934,7 +939,7 @@ def run_ghost_attention(
     start = time.perf_counter()
     _check_config(config)
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(workdir, config)
     policy_init = str(policy_init)
     summary_path = workdir / SUMMARY_FILE
     fingerprint = _fingerprint({
@@ -1025,7 +1030,7 @@ def make_eval_dialogues(dialogues: Sequence[Any], space: InstructionSpace,
         raise ValueError(f"the evaluation instructions {dict(space.kind_weights)} have no "
                          "checkable kind with a positive weight")
     one_constraint = dataclasses.replace(space, max_constraints=1)
-    rng = np.random.default_rng([seed, 11])
+    rng = np.random.default_rng([seed, _STREAM_EVALUATION])
     result = []
     for dialogue in dialogues:
         turns = user_turns_of(dialogue)
@@ -1150,6 +1155,7 @@ def plot_following(before: Mapping[str, Any], after: Mapping[str, Any],
         rates = [100 * entry["rate"] for entry in result["per_turn"]]
         axis.plot(turns, rates, marker="o", label=label)
     axis.set_xlabel("dialogue turn")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_ylabel("answers following the instruction (%)")
     axis.set_ylim(-5, 105)
     axis.set_title(title)
@@ -1190,7 +1196,7 @@ def instruction_sft_dialogues(world: Any, space: InstructionSpace, *, num_dialog
     if not 0.0 <= instruction_probability <= 1.0:
         raise ValueError(f"instruction_probability is {instruction_probability}, expected a "
                          "probability in [0, 1]")
-    rng = np.random.default_rng([seed, 13])
+    rng = np.random.default_rng([seed, _STREAM_BASE_POLICY])
     dialogues = []
     for source in world.multi_turn_dialogues(num_dialogues, min_turns, max_turns, seed=seed):
         messages = []
@@ -1333,10 +1339,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         policy_init = config.policy_init
         dialogues = sft.read_dialogues_jsonl(config.data.dialogues)
         eval_source = sft.read_dialogues_jsonl(config.evaluation.dialogues)
-        if config.data.max_dialogues:
-            dialogues = dialogues[: int(config.data.max_dialogues)]
         if config.evaluation.num_dialogues:
             eval_source = eval_source[: int(config.evaluation.num_dialogues)]
+    if config.data.max_dialogues:
+        dialogues = dialogues[: int(config.data.max_dialogues)]
 
     eval_space = InstructionSpace.from_config(config.instructions,
                                               kind_weights=config.evaluation.kind_weights)
