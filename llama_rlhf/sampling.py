@@ -46,6 +46,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_rlhf import sharding as shd
+from llama_rlhf.data import batching
 from llama_rlhf.model.config import LlamaConfig
 from llama_rlhf.model.llama import KVCache, Llama
 from llama_rlhf.model.params import param_shardings
@@ -315,23 +316,15 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
-    """Left-pads token lists to a common length.
+    """Left-pads token lists to a common length with `data.batching.left_pad`.
 
     Returns:
       (tokens [B, length] int32, mask [B, length] bool) numpy arrays; length defaults to the
       longest prompt.
     """
     longest = max((len(p) for p in prompts), default=0)
-    length = longest if length is None else length
-    if longest > length:
-        raise ValueError(f"A prompt has {longest} tokens, more than the padded length {length}.")
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), bool)
-    for row, prompt in enumerate(prompts):
-        if len(prompt):
-            tokens[row, length - len(prompt):] = np.asarray(prompt, np.int32)
-            mask[row, length - len(prompt):] = True
-    return tokens, mask
+    batch = batching.left_pad(prompts, longest if length is None else length, pad_id)
+    return batch["tokens"], batch["mask"]
 
 
 def _lm_logits(model_config: LlamaConfig, params, hidden: jax.Array) -> jax.Array:

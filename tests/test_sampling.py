@@ -419,7 +419,7 @@ def test_left_pad():
     tokens, mask = left_pad([[5, 6], [7]], pad_id=0, length=3)
     np.testing.assert_array_equal(tokens, [[0, 5, 6], [0, 0, 7]])
     np.testing.assert_array_equal(mask, [[False, True, True], [False, False, True]])
-    with pytest.raises(ValueError, match="more than the padded length"):
+    with pytest.raises(ValueError, match="expected between 1 and length=3"):
         left_pad([[1, 2, 3, 4]], pad_id=0, length=3)
 
 
